@@ -1,0 +1,201 @@
+"""The ``fewstep`` command: data, train, distill, sample, eval, serve, generate."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
+
+
+def command(name: str, help: str):
+    def register(fn_pair):
+        add_args, run = fn_pair
+        COMMANDS[name] = (help, add_args, run)
+        return fn_pair
+
+    return register
+
+
+# ---- data ------------------------------------------------------------------------------------------------
+def _data_args(p: argparse.ArgumentParser) -> None:
+    pass
+
+
+def _data_run(args: argparse.Namespace) -> int:
+    from training.data import ensure_mnist
+
+    print(ensure_mnist())
+    return 0
+
+
+command("data", "download MNIST for the colored-digits benchmark (once)")((_data_args, _data_run))
+
+
+# ---- train -----------------------------------------------------------------------------------------------
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="YAML training config (configs/*.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--out", help="run directory (default: the config's out)")
+
+
+def _train_run(args: argparse.Namespace) -> int:
+    from training.config import TrainConfig, load_config
+    from training.distributed import init_from_env, shutdown
+    from training.loop import train
+    from training.stages import make_recipe
+
+    cfg = load_config(TrainConfig, args.config, args.set)
+    if args.out:
+        from dataclasses import replace
+
+        cfg = replace(cfg, out=args.out)
+    init_from_env(cfg.device)
+    try:
+        info = train(cfg, make_recipe(cfg))
+    finally:
+        shutdown()
+    print(f"trained {info.step} steps in {info.seconds / 60:.1f} min; exported to {cfg.out}/export")
+    return 0
+
+
+command("train", "train an autoencoder, a teacher or the evaluation classifier")((_train_args, _train_run))
+
+
+# ---- sample ----------------------------------------------------------------------------------------------
+def _model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="checkpoint directory (default: zoo/digits-teacher)")
+
+
+def _resolve_model(path: str | None):
+    from fewstep.paths import zoo_dir
+
+    return path or str(zoo_dir() / "digits-teacher")
+
+
+def _sample_args(p: argparse.ArgumentParser) -> None:
+    _model_arg(p)
+    p.add_argument("--prompts-file", required=True, help="one prompt per line")
+    p.add_argument("--out", required=True, help="directory for 000000.png, 000001.png, ... in file order")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the model's default)")
+    p.add_argument("--seed", type=int, default=0, help="line i uses seed + i")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--overwrite", action="store_true", help="replace PNGs already in --out")
+
+
+def _sample_run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from models.images import save_pngs
+    from models.pipeline import TextToImage
+    from training.loop import resolve_device
+
+    prompts_file = Path(args.prompts_file)
+    if not prompts_file.is_file():
+        raise ValueError(f"--prompts-file {prompts_file}: no such file")
+    prompts = [line.strip() for line in prompts_file.read_text().splitlines()]
+    prompts = [p for p in prompts if p]
+    if not prompts:
+        raise ValueError(f"--prompts-file {prompts_file}: no prompts in it")
+    if args.batch_size < 1:
+        raise ValueError("--batch-size must be >= 1")
+    out = Path(args.out)
+    clash = [out / f"{i:06d}.png" for i in range(len(prompts)) if (out / f"{i:06d}.png").exists()]
+    if clash and not args.overwrite:
+        raise ValueError(f"{clash[0]} already exists ({len(clash)} files would be replaced); pass --overwrite")
+    model = TextToImage.load(_resolve_model(args.model), resolve_device(args.device))
+    steps = model.sampling.default_steps if args.steps is None else args.steps
+    if not model.supports(steps):
+        raise ValueError(f"{model.name} supports steps {model.sampling.supported_steps()}, not {steps}")
+    seeds = [args.seed + i for i in range(len(prompts))]
+    import time
+
+    t0 = time.perf_counter()
+    for lo in range(0, len(prompts), args.batch_size):
+        hi = lo + args.batch_size
+        images = model.generate(prompts[lo:hi], seeds[lo:hi], steps=steps, guidance=args.guidance)
+        save_pngs(images, out, start=lo)
+        print(f"\r{model.name}: {min(hi, len(prompts))}/{len(prompts)} images", end="", file=sys.stderr, flush=True)
+    dt = time.perf_counter() - t0
+    print(file=sys.stderr)
+    print(f"wrote {len(prompts)} PNGs to {out} ({model.name}, {steps} steps, {1000 * dt / len(prompts):.1f} ms/image)")
+    return 0
+
+
+command("sample", "generate one PNG per prompt line with a teacher or student")((_sample_args, _sample_run))
+
+
+# ---- eval ------------------------------------------------------------------------------------------------
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    _model_arg(p)
+    p.add_argument("--steps", help="comma-separated step counts, e.g. 1,2,4,50 (default: the model's default)")
+    p.add_argument("--n", type=int, default=1000, help="images per step count")
+    p.add_argument("--guidance", type=float, help="CFG scale (default: the model's)")
+    p.add_argument("--classifier", help="judge checkpoint (default: zoo/digits-classifier)")
+    p.add_argument("--out", help="directory for eval.json, eval.md and sample grids (default: runs/eval/NAME)")
+    p.add_argument("--data", default="digits", help="digits, or synthetic for smoke tests")
+    p.add_argument("--device", default="auto")
+
+
+def _eval_run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fewstep.paths import zoo_dir
+    from models.images import grid
+    from models.pipeline import TextToImage
+    from training.classifier import load_classifier
+    from training.evaluate import eval_prompts, evaluate, write_results
+    from training.loop import resolve_device
+
+    if args.n < 2:
+        raise ValueError("--n must be at least 2 (a Fréchet distance needs a covariance)")
+    model = TextToImage.load(_resolve_model(args.model), resolve_device(args.device))
+    try:
+        steps = [int(s) for s in args.steps.split(",")] if args.steps else [model.sampling.default_steps]
+    except ValueError:
+        raise ValueError(f"--steps must be comma-separated integers, got {args.steps!r}") from None
+    for s in steps:
+        if not model.supports(s):
+            raise ValueError(f"{model.name} supports steps {model.sampling.supported_steps()}, not {s}")
+    classifier = load_classifier(args.classifier or zoo_dir() / "digits-classifier")
+    results = evaluate(model, classifier, steps, n=args.n, guidance=args.guidance, data=args.data)
+    out = Path(args.out or Path("runs") / "eval" / model.name)
+    j, m = write_results(results, out)
+    ep = eval_prompts(40)
+    for s in steps:
+        grid(model.generate(ep.prompts, ep.seeds, steps=s, guidance=args.guidance), nrow=10).save(out / f"samples_{s}steps.png")
+    print(m.read_text())
+    print(f"wrote {j}, {m} and sample grids to {out}")
+    return 0
+
+
+command("eval", "measure digit/color accuracy, Fréchet distance and speed")((_eval_args, _eval_run))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fewstep", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (help_text, add_args, _) in COMMANDS.items():
+        add_args(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from models.checkpoint import CheckpointError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command][2](args)
+    except (CheckpointError, ValueError, FileNotFoundError) as e:
+        print(f"fewstep {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

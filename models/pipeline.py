@@ -1,0 +1,212 @@
+"""A text-to-image model: tokenizer + text encoder + MM-DiT + autoencoder, and how to sample it.
+
+This is what training exports, what ``fewstep sample`` runs and what the server serves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+from torch import nn
+
+from models.autoencoder import Autoencoder
+from models.checkpoint import Card, CheckpointError, Sampling, read_card, save_checkpoint, sha256_file, verify_file
+from models.config import AutoencoderConfig, ModelConfig
+from models.flow import timesteps as make_timesteps
+from models.mmdit import MMDiT
+from models.sampling import SAMPLERS, seeded_noise
+from models.text import TextCond, TextEncoder, Tokenizer
+
+TRANSFORMER, TEXT_ENCODER, AUTOENCODER, TOKENIZER = (
+    "transformer.safetensors", "text_encoder.safetensors", "autoencoder.safetensors", "tokenizer.json"
+)
+
+
+def load_autoencoder(directory: str | Path, device: str | torch.device = "cpu") -> Autoencoder:
+    """An autoencoder checkpoint (role "autoencoder") as written by the autoencoder training stage."""
+    from models.checkpoint import load_weights
+
+    card = read_card(directory)
+    if card.role != "autoencoder":
+        raise CheckpointError(f"{Path(directory) / 'card.json'}: role is {card.role!r}, expected 'autoencoder'")
+    try:
+        cfg = _build(AutoencoderConfig, card.model)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{Path(directory) / 'card.json'}: model: {e}") from None
+    ae = Autoencoder(cfg)
+    load_weights(directory, card, AUTOENCODER, ae)
+    return ae.to(device).eval().requires_grad_(False)
+
+
+def _build(cls: type, d: dict[str, Any]) -> Any:
+    from models.config import _from_dict
+
+    return _from_dict(cls, d)
+
+
+@dataclass
+class TextToImage:
+    config: ModelConfig
+    tokenizer: Tokenizer
+    text_encoder: TextEncoder
+    transformer: MMDiT
+    autoencoder: Autoencoder | None
+    card: Card | None = None
+
+    @classmethod
+    def build(cls, config: ModelConfig, tokenizer: Tokenizer, autoencoder: Autoencoder | None = None) -> TextToImage:
+        if config.text.vocab_size < len(tokenizer):
+            raise ValueError(f"text vocab_size {config.text.vocab_size} < tokenizer's {len(tokenizer)} words")
+        if autoencoder is not None and config.autoencoder is None:
+            raise ValueError(f"model {config.name!r} works in pixel space but an autoencoder was given")
+        if autoencoder is None and config.autoencoder is not None:
+            autoencoder = Autoencoder(config.autoencoder)
+        return cls(
+            config=config,
+            tokenizer=tokenizer,
+            text_encoder=TextEncoder(config.text),
+            transformer=MMDiT(config.transformer, config.text.dim, config.latent_size),
+            autoencoder=autoencoder,
+        )
+
+    # ---- properties of the loaded model --------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.card.name if self.card else self.config.name
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return (self.config.latent_channels, self.config.latent_size, self.config.latent_size)
+
+    @property
+    def sampling(self) -> Sampling:
+        if self.card is None or self.card.sampling is None:
+            return Sampling(default_steps=40, any_steps=True, timesteps={"40": make_timesteps(40)})
+        return self.card.sampling
+
+    def modules(self) -> dict[str, nn.Module]:
+        mods: dict[str, nn.Module] = {TRANSFORMER: self.transformer, TEXT_ENCODER: self.text_encoder}
+        if self.autoencoder is not None:
+            mods[AUTOENCODER] = self.autoencoder
+        return mods
+
+    def to(self, device: str | torch.device) -> TextToImage:
+        for m in self.modules().values():
+            m.to(device).eval().requires_grad_(False)
+        return self
+
+    # ---- sampling ---------------------------------------------------------------------------------------
+    def grid(self, steps: int) -> list[float]:
+        """The time grid for ``steps``: listed in the card, or from the schedule for a teacher."""
+        s = self.sampling
+        if str(steps) in s.timesteps:
+            return s.timesteps[str(steps)]
+        if s.any_steps and 1 <= steps <= s.max_steps:
+            return make_timesteps(steps, s.schedule, s.shift)
+        raise ValueError(f"{self.name} supports steps {s.supported_steps()}, not {steps}")
+
+    def supports(self, steps: int) -> bool:
+        s = self.sampling
+        return str(steps) in s.timesteps or (s.any_steps and 1 <= steps <= s.max_steps)
+
+    def encode_text(self, prompts: Sequence[str]) -> TextCond:
+        ids, mask = self.tokenizer.encode(list(prompts))
+        return self.text_encoder(ids.to(self.device), mask.to(self.device))
+
+    def velocity_fn(self, cond: TextCond, guidance: float):
+        """v(x, t) with classifier-free guidance (Ho & Salimans 2022) folded in.
+
+        A guidance-embedded student takes the scale as an input and runs once; otherwise, for a scale ≠ 1
+        the conditional and unconditional ("" caption) passes run as one doubled batch.
+        """
+        tf = self.transformer
+        b = cond.tokens.shape[0]
+        if tf.cfg.guidance_embed:
+            g = torch.full((b,), float(guidance), device=self.device)
+            return lambda x, t: tf(x, t, cond.tokens, cond.mask, cond.pooled, guidance=g)
+        if guidance == 1.0:
+            return lambda x, t: tf(x, t, cond.tokens, cond.mask, cond.pooled)
+        both = cond.cat(self.encode_text([""] * b))
+
+        def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            v_c, v_u = tf(torch.cat([x, x]), torch.cat([t, t]), *both.fields()).chunk(2)
+            return v_u + guidance * (v_c - v_u)
+
+        return guided
+
+    @torch.no_grad()
+    def generate_latents(self, prompts: Sequence[str], seeds: Sequence[int], steps: int | None = None,
+                         guidance: float | None = None) -> torch.Tensor:
+        if len(prompts) != len(seeds):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        steps = self.sampling.default_steps if steps is None else steps
+        guidance = self.sampling.guidance if guidance is None else guidance
+        grid = self.grid(steps)
+        noise = seeded_noise(seeds, self.latent_shape, self.device)
+        fn = self.velocity_fn(self.encode_text(prompts), guidance)
+        sampler = SAMPLERS[self.sampling.sampler]
+        return sampler(fn, noise, grid, seeds) if self.sampling.sampler == "x0" else sampler(fn, noise, grid)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents if self.autoencoder is None else self.autoencoder.decode(latents)
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int], steps: int | None = None,
+                 guidance: float | None = None) -> torch.Tensor:
+        """-> images (B, 3, H, W) in [-1, 1] (clamped). Same (prompt, steps, seed) -> same image in any batch."""
+        return self.decode(self.generate_latents(prompts, seeds, steps, guidance)).clamp(-1, 1)
+
+    # ---- checkpoint I/O ---------------------------------------------------------------------------------
+    def save(self, directory: str | Path, card: dict[str, Any], dtype: str = "float16", overwrite: bool = False) -> Card:
+        card = {**card, "model": self.config.to_dict()}
+        self.card = save_checkpoint(directory, card, self.modules(), {TOKENIZER: self.tokenizer.to_json()},
+                                    dtype=dtype, overwrite=overwrite)
+        return self.card
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> TextToImage:
+        from models.checkpoint import load_weights
+
+        directory = Path(directory)
+        card = read_card(directory)
+        if card.role not in ("teacher", "student"):
+            raise CheckpointError(f"{directory / 'card.json'}: role {card.role!r} is not a text-to-image model")
+        if card.sampling is None:
+            raise CheckpointError(f"{directory / 'card.json'}: sampling: missing for a {card.role}")
+        try:
+            config = ModelConfig.from_dict(card.model)
+        except (TypeError, ValueError, ValidationError) as e:
+            raise CheckpointError(f"{directory / 'card.json'}: model: {e}") from None
+        tok_path = verify_file(directory, card, TOKENIZER)
+        try:
+            tokenizer = Tokenizer.load(tok_path)
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{tok_path}: not a tokenizer file ({e})") from None
+        try:
+            model = cls.build(config, tokenizer)
+        except ValueError as e:
+            raise CheckpointError(f"{directory / 'card.json'}: {e}") from None
+        model.card = card
+        for name, module in model.modules().items():
+            load_weights(directory, card, name, module)
+        return model.to(device)
+
+    def weights_sha256(self) -> str:
+        """Identity of a saved model: sha256 of its transformer weights (students cite their teacher by it)."""
+        if self.card is None:
+            raise ValueError("the model has not been saved or loaded")
+        return self.card.files[TRANSFORMER].sha256
+
+
+def transformer_sha(directory: str | Path) -> str:
+    return sha256_file(Path(directory) / TRANSFORMER)

@@ -1,0 +1,88 @@
+"""The fewstep command as a user runs it: real subprocesses, tiny checkpoints."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from models.pipeline import TextToImage
+
+
+def fewstep(*args, check=True):
+    r = subprocess.run([sys.executable, "-m", "fewstep.cli", *map(str, args)], capture_output=True, text=True)
+    if check and r.returncode != 0:
+        raise AssertionError(r.stderr)
+    return r
+
+
+def test_sample_writes_one_png_per_line_in_order(tiny_teacher, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red 7 on black\n\nseven in red on a black background\na white 0 on blue\n")
+    out = tmp_path / "out"
+    r = fewstep("sample", "--model", tiny_teacher, "--prompts-file", prompts, "--out", out, "--steps", 3,
+                "--seed", 5, "--batch-size", 2)
+    assert sorted(p.name for p in out.iterdir()) == ["000000.png", "000001.png", "000002.png"]
+    assert "3 PNGs" in r.stdout
+    img = Image.open(out / "000001.png")
+    assert img.size == (32, 32) and img.mode == "RGB"
+    # file order and seeds: line i is (prompt i, seed 5 + i)
+    model = TextToImage.load(tiny_teacher)
+    from models.images import to_pil
+
+    expect = to_pil(model.generate(["seven in red on a black background"], [6], steps=3))[0]
+    assert np.array_equal(np.asarray(expect), np.asarray(img))
+
+
+def test_sample_refuses_to_overwrite(tiny_teacher, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red 7 on black\n")
+    out = tmp_path / "out"
+    fewstep("sample", "--model", tiny_teacher, "--prompts-file", prompts, "--out", out, "--steps", 1)
+    r = fewstep("sample", "--model", tiny_teacher, "--prompts-file", prompts, "--out", out, "--steps", 1, check=False)
+    assert r.returncode == 2 and "already exists" in r.stderr and "--overwrite" in r.stderr
+    fewstep("sample", "--model", tiny_teacher, "--prompts-file", prompts, "--out", out, "--steps", 1, "--overwrite")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--prompts-file", "missing.txt"], "no such file"),
+        (["--steps", "0"], "supports steps"),
+        (["--model", "nowhere"], "no such checkpoint directory"),
+    ],
+)
+def test_sample_bad_input_is_a_clear_error(tiny_teacher, tmp_path, args, message):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red 7 on black\n")
+    base = {"--model": str(tiny_teacher), "--prompts-file": str(prompts), "--out": str(tmp_path / "o")}
+    for k, v in zip(args[::2], args[1::2], strict=True):
+        base[k] = v if k != "--prompts-file" else str(tmp_path / v)
+    r = fewstep("sample", *[x for kv in base.items() for x in kv], check=False)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_eval_writes_json_markdown_and_grids(tiny_teacher, tiny_classifier, tmp_path):
+    out = tmp_path / "eval"
+    r = fewstep("eval", "--model", tiny_teacher, "--classifier", tiny_classifier, "--steps", "1,2", "--n", 20,
+                "--data", "synthetic", "--out", out)
+    res = json.loads((out / "eval.json").read_text())
+    assert [row["steps"] for row in res["rows"]] == [1, 2]
+    for row in res["rows"]:
+        for key in ("digit_accuracy", "fg_accuracy", "bg_accuracy"):
+            assert 0.0 <= row[key] <= 1.0
+        assert row["fd"] >= 0 and row["ms_per_image"] > 0
+    assert res["n"] == 20 and res["real_floor_fd"] >= 0
+    assert "| tiny-teacher | 2 |" in (out / "eval.md").read_text()
+    assert (out / "samples_1steps.png").exists() and "eval.json" in r.stdout
+
+
+def test_train_rejects_bad_config(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("stage: teacher\nmodel: tiny\n")
+    r = fewstep("train", "--config", cfg, "--set", "batch_size=many", check=False)
+    assert r.returncode == 2 and "batch_size" in r.stderr and "Traceback" not in r.stderr
+    r = fewstep("train", "--config", cfg, "--set", "data=synthetic", check=False)
+    assert r.returncode == 2 and "autoencoder" in r.stderr

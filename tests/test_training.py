@@ -1,0 +1,118 @@
+import json
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from training.config import TrainConfig, load_config
+from training.loop import lr_at, train
+from training.stages import make_recipe
+from tests.conftest import tiny_config
+
+
+def _losses(path):
+    return [json.loads(line)["loss"] for line in open(path / "metrics.jsonl")]
+
+
+def test_teacher_loss_falls_on_a_tiny_run(tiny_ae, tmp_path):
+    cfg = tiny_config(tmp_path, stage="teacher", autoencoder=str(tiny_ae), max_steps=60, warmup_steps=5)
+    train(cfg, make_recipe(cfg), quiet=True)
+    losses = _losses(tmp_path)
+    assert len(losses) == 60
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < 0.8 * first, (first, last)
+    assert (tmp_path / "export" / "card.json").exists()
+
+
+def test_autoencoder_and_classifier_losses_fall(tmp_path):
+    for stage in ("autoencoder", "classifier"):
+        cfg = tiny_config(tmp_path / stage, stage=stage, max_steps=40, warmup_steps=2, lr=5e-3)
+        train(cfg, make_recipe(cfg), quiet=True)
+        losses = _losses(tmp_path / stage)
+        assert sum(losses[-5:]) < 0.7 * sum(losses[:5]), (stage, losses[:5], losses[-5:])
+
+
+class _Interrupt:
+    """Wraps a recipe and stops the run (as Ctrl-C would) when it asks for batch ``at``."""
+
+    def __init__(self, recipe, at):
+        self.recipe, self.at, self.module = recipe, at, recipe.module
+
+    def make_batch(self, step, g):
+        if step == self.at:
+            raise KeyboardInterrupt
+        return self.recipe.make_batch(step, g)
+
+    def prepare(self, batch, device):
+        return self.recipe.prepare(batch, device)
+
+    def export(self, *a):
+        return self.recipe.export(*a)
+
+
+def test_resume_continues_exactly(tiny_ae, tmp_path):
+    kw = dict(stage="teacher", autoencoder=str(tiny_ae), max_steps=8, ckpt_every=4)
+    straight = tiny_config(tmp_path / "a", **kw)
+    train(straight, make_recipe(straight), quiet=True)
+    broken = tiny_config(tmp_path / "b", **kw)
+    with pytest.raises(KeyboardInterrupt):
+        train(broken, _Interrupt(make_recipe(broken), at=5), quiet=True)
+    info = train(broken, make_recipe(broken), quiet=True)  # resumes from the step-4 state
+    assert info.step == 8
+    a = torch.load(tmp_path / "a" / "state.pt", weights_only=False)
+    b = torch.load(tmp_path / "b" / "state.pt", weights_only=False)
+    for k in a["module"]:
+        assert torch.equal(a["module"][k], b["module"][k]), k
+
+
+def _ddp_worker(rank, world, init_file, cfg):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        train(cfg, make_recipe(cfg), quiet=True)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_processes_match_one_process(tiny_ae, tmp_path):
+    kw = dict(stage="teacher", autoencoder=str(tiny_ae), max_steps=3, batch_size=8, max_minutes=30.0)
+    single = tiny_config(tmp_path / "single", **kw)
+    torch.set_num_threads(1)
+    try:
+        train(single, make_recipe(single), quiet=True)
+    finally:
+        torch.set_num_threads(os.cpu_count() or 1)
+    double = tiny_config(tmp_path / "ddp", **kw)
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), double), nprocs=2, join=True)
+    a = torch.load(tmp_path / "single" / "state.pt", weights_only=False)["module"]
+    b = torch.load(tmp_path / "ddp" / "state.pt", weights_only=False)["module"]
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst < 1e-4, worst
+    changed = max(float((a[k] - make_recipe(single).module.state_dict()[k]).abs().max()) for k in a)
+    assert changed > 1e-3  # the runs did train
+
+
+def test_config_from_yaml_with_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("stage: teacher\nlr: 0.001\nbetas: [0.9, 0.95]\n")
+    cfg = load_config(TrainConfig, path, ["lr=3e-4", "max_steps=7", "ema_warmup=false", "autoencoder=none"])
+    assert cfg.lr == 3e-4 and cfg.max_steps == 7 and cfg.ema_warmup is False and cfg.betas == (0.9, 0.95)
+    assert cfg.autoencoder is None
+    with pytest.raises(ValueError, match="unknown config keys"):
+        load_config(TrainConfig, path, ["learning_rate=1"])
+    with pytest.raises(ValueError, match="max_steps: expected int"):
+        load_config(TrainConfig, path, ["max_steps=ten"])
+    with pytest.raises(ValueError, match="key=value"):
+        load_config(TrainConfig, path, ["lr"])
+
+
+def test_lr_warms_up_then_decays_by_steps_or_by_the_clock():
+    cfg = TrainConfig(lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
+    assert lr_at(cfg, 0) == pytest.approx(0.1)
+    assert lr_at(cfg, 10) == pytest.approx(1.0)
+    assert lr_at(cfg, 60) == pytest.approx(0.55)
+    assert lr_at(cfg, 110) == pytest.approx(0.1)
+    timed = TrainConfig(lr=1.0, warmup_steps=10, max_steps=10_000, max_minutes=1.0, min_lr_ratio=0.1)
+    assert lr_at(timed, 20, seconds=60.0) == pytest.approx(0.1)

@@ -1,0 +1,1 @@
+"""Teacher training, distillation recipes, evaluation and the colored-digits data."""

@@ -1,0 +1,128 @@
+"""The colored-digits benchmark: generate from prompts with known answers and judge the images.
+
+Metrics per step count: digit accuracy, foreground / background color accuracy (by the shipped
+classifier), Fréchet distance between classifier features of generated and of real test images
+(with the real-vs-real floor at the same n, since FD moves with n), and milliseconds per image.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from models.pipeline import TextToImage
+from training.classifier import DigitClassifier
+from training.data import TEMPLATES, caption, load_data, random_colors, render, to_unit
+
+
+@dataclass(frozen=True)
+class EvalPrompts:
+    prompts: list[str]
+    digits: torch.Tensor
+    fg: torch.Tensor
+    bg: torch.Tensor
+    seeds: list[int]
+
+
+def eval_prompts(n: int, seed: int = 0) -> EvalPrompts:
+    """n prompts over every phrasing, numerals and words alike; the same n always gives the same set."""
+    g = torch.Generator().manual_seed(seed)
+    digits = torch.randint(0, 10, (n,), generator=g)
+    fg, bg = random_colors(n, g)
+    prompts = [caption(int(d), int(f), int(b), i % len(TEMPLATES), bool((i // len(TEMPLATES)) % 2))
+               for i, (d, f, b) in enumerate(zip(digits, fg, bg, strict=True))]
+    return EvalPrompts(prompts, digits, fg, bg, seeds=[seed * 100_000 + i for i in range(n)])
+
+
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖μa − μb‖² + tr(Σa + Σb − 2(Σa^½ Σb Σa^½)^½), in float64 via symmetric eigendecompositions."""
+    a, b = a.double(), b.double()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
+    w, v = torch.linalg.eigh(cov_a)
+    sqrt_a = (v * w.clamp(min=0).sqrt()) @ v.T
+    cross = torch.linalg.eigvalsh(sqrt_a @ cov_b @ sqrt_a).clamp(min=0).sqrt().sum()
+    return float((mu_a - mu_b).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2 * cross)
+
+
+@torch.no_grad()
+def real_features(classifier: DigitClassifier, n: int, seed: int, data: str = "digits") -> torch.Tensor:
+    test = load_data(data, "test")
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(test), generator=g)[:n]
+    fg, bg = random_colors(len(idx), g)
+    images = to_unit(render(test.images[idx].float() / 255.0, fg, bg))
+    return torch.cat([classifier.features(chunk) for chunk in images.split(500)])
+
+
+@torch.no_grad()
+def evaluate(model: TextToImage, classifier: DigitClassifier, steps_list: list[int], n: int = 1000,
+             batch_size: int = 100, guidance: float | None = None, data: str = "digits",
+             progress: bool = True) -> dict:
+    """Runs the benchmark; returns {"model", "n", "real_floor_fd", "rows": [...]}."""
+    ep = eval_prompts(n)
+    real_a = real_features(classifier, n, seed=1, data=data)
+    real_b = real_features(classifier, n, seed=2, data=data)
+    floor = frechet_distance(real_a, real_b)
+    rows = []
+    for steps in steps_list:
+        images, seconds = [], 0.0
+        for lo in range(0, n, batch_size):
+            hi = min(n, lo + batch_size)
+            t0 = time.perf_counter()
+            images.append(model.generate(ep.prompts[lo:hi], ep.seeds[lo:hi], steps=steps, guidance=guidance).cpu())
+            seconds += time.perf_counter() - t0
+            if progress:
+                print(f"\r{model.name}: {steps} steps, {hi}/{n} images", end="", flush=True)
+        if progress:
+            print()
+        gen = torch.cat(images)
+        out = {k: [] for k in ("digit", "fg", "bg", "features")}
+        for chunk in gen.split(500):
+            for k, v in classifier(chunk).items():
+                out[k].append(v)
+        out = {k: torch.cat(v) for k, v in out.items()}
+        rows.append({
+            "steps": steps,
+            "digit_accuracy": float((out["digit"].argmax(-1) == ep.digits).float().mean()),
+            "fg_accuracy": float((out["fg"].argmax(-1) == ep.fg).float().mean()),
+            "bg_accuracy": float((out["bg"].argmax(-1) == ep.bg).float().mean()),
+            "fd": frechet_distance(out["features"], real_a),
+            "ms_per_image": 1000 * seconds / n,
+        })
+    return {"model": model.name, "role": model.card.role if model.card else None, "n": n,
+            "guidance": model.sampling.guidance if guidance is None else guidance,
+            "real_floor_fd": floor, "device": str(model.device), "threads": torch.get_num_threads(),
+            "rows": rows}
+
+
+def markdown_table(results: list[dict]) -> str:
+    """One table over several evaluations (models × step counts)."""
+    lines = ["| model | steps | digit acc | fg color acc | bg color acc | Fréchet dist. (real floor) | ms / image |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for res in results:
+        for r in res["rows"]:
+            lines.append(
+                f"| {res['model']} | {r['steps']} | {100 * r['digit_accuracy']:.1f}% | {100 * r['fg_accuracy']:.1f}% "
+                f"| {100 * r['bg_accuracy']:.1f}% | {r['fd']:.2f} ({res['real_floor_fd']:.2f}) | {r['ms_per_image']:.2f} |"
+            )
+    n = {res["n"] for res in results}
+    lines.append("")
+    lines.append(f"n = {', '.join(map(str, sorted(n)))} images per row; CPU threads: {results[0]['threads']}; "
+                 f"device: {results[0]['device']}.")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(results: dict, out: Path) -> tuple[Path, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    j, m = out / "eval.json", out / "eval.md"
+    j.write_text(json.dumps(results, indent=2) + "\n")
+    m.write_text(f"# Evaluation of {results['model']}\n\n" + markdown_table([results]))
+    return j, m
+
+
+__all__ = ["EvalPrompts", "eval_prompts", "evaluate", "frechet_distance", "markdown_table", "write_results", "asdict"]

@@ -1,0 +1,200 @@
+"""The one training loop every stage and recipe shares.
+
+A *recipe* supplies a loss module and batches; the loop supplies everything else: AdamW with warmup and
+cosine decay, gradient clipping, EMA weights, bf16 autocast on CUDA, resumable state, a progress bar
+with loss and images/s, a JSONL metrics log, a wall-clock budget and DistributedDataParallel.
+
+Determinism across world sizes: every rank draws the same *global* batch from a generator seeded by
+(seed, step) and keeps rows rank::world, so N processes compute the same gradient as one process does
+(DDP averages the per-rank means; equal shards make that the global mean).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from training.config import TrainConfig, to_dict
+
+
+class Recipe(Protocol):
+    """What a stage or distillation method provides to the loop."""
+
+    module: nn.Module  # forward(**batch) -> (loss, logs)
+
+    def make_batch(self, step: int, generator: torch.Generator) -> dict[str, Any]:
+        """The global batch for ``step`` on the CPU (same on every rank)."""
+
+    def prepare(self, batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+        """This rank's shard -> model inputs on ``device`` (e.g. encode images to latents)."""
+
+    def export(self, ema: nn.Module, out_dir: Path, info: dict[str, Any]) -> Any:
+        """Write the trained model (EMA weights) as a checkpoint."""
+
+
+@dataclass
+class RunInfo:
+    step: int = 0
+    seconds: float = 0.0  # training time summed over resumes
+    images: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_device(name: str, rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device cuda requested but torch sees no CUDA device")
+        return torch.device("cuda", rank % torch.cuda.device_count())
+    if name != "cpu":
+        raise ValueError(f"device must be auto, cpu or cuda, not {name!r}")
+    return torch.device("cpu")
+
+
+def lr_at(cfg: TrainConfig, step: int, seconds: float = 0.0) -> float:
+    """Linear warmup, then cosine decay to lr·min_lr_ratio at max_steps, or at the wall-clock budget
+    (max_minutes) if that comes first: a run cut short by its budget still ends on a decayed learning rate."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    if cfg.max_minutes:
+        progress = max(progress, min(1.0, seconds / (60 * cfg.max_minutes)))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters(), strict=True):
+        e.lerp_(p.detach(), 1 - decay)
+    for e, b in zip(ema.buffers(), model.buffers(), strict=True):
+        e.copy_(b)
+
+
+def shard(batch: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
+    if world == 1:
+        return batch
+    out = {}
+    for k, v in batch.items():
+        out[k] = v[rank::world] if isinstance(v, (torch.Tensor, list)) else v
+    return out
+
+
+def _dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def train(cfg: TrainConfig, recipe: Recipe, out_dir: str | Path | None = None, quiet: bool = False) -> RunInfo:
+    """Train ``recipe`` per ``cfg``; resumes from ``out/state.pt`` when present. Returns what was done."""
+    rank, world = _dist_info()
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} must divide by the {world} processes")
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    out = Path(out_dir or cfg.out)
+    device = resolve_device(cfg.device, rank)
+    module = recipe.module.to(device)
+    ema = copy.deepcopy(module).requires_grad_(False).eval()
+    wrapped: nn.Module = module
+    if world > 1:
+        wrapped = nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+    info = RunInfo()
+    state_path = out / "state.pt"
+    if state_path.exists():
+        state = torch.load(state_path, map_location=device, weights_only=False)
+        module.load_state_dict(state["module"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        info = RunInfo(**state["info"])
+        if rank == 0 and not quiet:
+            print(f"resuming {out} at step {info.step}")
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    log = open(out / "metrics.jsonl", "a") if rank == 0 else None
+
+    def save_state() -> None:
+        if rank != 0:
+            return
+        state = {"module": module.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "info": vars(info)}
+        tmp = state_path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, state_path)
+
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    bar = tqdm(total=cfg.max_steps, initial=info.step, disable=rank != 0 or quiet, dynamic_ncols=True, desc=cfg.name)
+    start, window_t, window_img = time.time(), time.time(), 0
+    seconds_before = info.seconds
+    module.train()
+    while info.step < cfg.max_steps:
+        # under DDP every rank must use the same lr and stop at the same step: rank 0's clock decides
+        clock = _rank0_value(info.seconds, device) if cfg.max_minutes else 0.0
+        if cfg.max_minutes and clock >= 60 * cfg.max_minutes:
+            if rank == 0 and not quiet:
+                print(f"\nwall-clock budget of {cfg.max_minutes} min reached at step {info.step}")
+            break
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + info.step)
+        batch = recipe.prepare(shard(recipe.make_batch(info.step, g), rank, world), device)
+        lr = lr_at(cfg, info.step, clock)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        with autocast:
+            loss, logs = wrapped(**batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(0.0)
+        opt.step()
+        decay = min(cfg.ema_decay, (1 + info.step) / (10 + info.step)) if cfg.ema_warmup else cfg.ema_decay
+        ema_update(ema, module, decay)
+        info.step += 1
+        info.images += cfg.batch_size
+        window_img += cfg.batch_size
+        info.seconds = seconds_before + time.time() - start
+
+        if info.step % cfg.log_every == 0 or info.step == cfg.max_steps:
+            ips = window_img / max(1e-9, time.time() - window_t)
+            window_t, window_img = time.time(), 0
+            row = {"step": info.step, "loss": float(loss.detach()), "lr": lr, "grad_norm": float(grad_norm),
+                   "images_per_s": round(ips, 1), "elapsed_s": round(info.seconds, 1)}
+            row.update({k: float(v) for k, v in logs.items()})
+            if log:
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+            bar.set_postfix(loss=f"{float(loss.detach()):.4f}", img_s=f"{ips:.0f}")
+        bar.update(1)
+        if info.step % cfg.ckpt_every == 0:
+            save_state()
+    bar.close()
+    save_state()
+    if log:
+        log.close()
+    if rank == 0:
+        recipe.export(ema, out / "export", {"steps": info.step, "duration_s": round(info.seconds, 1),
+                                            "images_seen": info.images, "config": to_dict(cfg)})
+    if world > 1:
+        dist.barrier()
+    return info
+
+
+def _rank0_value(value: float, device: torch.device) -> float:
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.broadcast(t, src=0)
+    return float(t.item())
