@@ -63,6 +63,47 @@ def _train_run(args: argparse.Namespace) -> int:
 command("train", "train an autoencoder, a teacher or the evaluation classifier")((_train_args, _train_run))
 
 
+# ---- distill ---------------------------------------------------------------------------------------------
+def _distill_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", required=True, help="progressive, consistency, reflow, dmd2 or ladd")
+    p.add_argument("--teacher", help="teacher checkpoint directory (default: zoo/digits-teacher)")
+    p.add_argument("--out", help="run directory (default: runs/distill/METHOD)")
+    p.add_argument("--config", help="YAML distillation config (configs/distill-*.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--max-steps", type=int, help="bound the optimizer steps (and the data generated for them)")
+
+
+def _distill_run(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from training.config import load_config
+    from training.distill.config import DistillConfig
+    from training.distill.methods import METHODS, distill
+    from training.distributed import init_from_env, shutdown
+
+    if args.method not in METHODS:
+        raise ValueError(f"--method must be one of {sorted(METHODS)}, not {args.method!r}")
+    cfg = load_config(DistillConfig, args.config, args.set)
+    changes = {"method": args.method, "teacher": _resolve_model(args.teacher or (cfg.teacher if args.config else None))}
+    if args.out or not args.config:
+        changes["out"] = args.out or f"runs/distill/{args.method}"
+    if args.max_steps is not None:
+        if args.max_steps < 1:
+            raise ValueError("--max-steps must be >= 1")
+        changes["max_steps"] = args.max_steps
+    cfg = replace(cfg, **changes)
+    init_from_env(cfg.device)
+    try:
+        students = distill(cfg)
+    finally:
+        shutdown()
+    print("students:", *map(str, students), sep="\n  ")
+    return 0
+
+
+command("distill", "distil a teacher into a 1-4-step student")((_distill_args, _distill_run))
+
+
 # ---- sample ----------------------------------------------------------------------------------------------
 def _model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="checkpoint directory (default: zoo/digits-teacher)")
@@ -166,7 +207,8 @@ def _eval_run(args: argparse.Namespace) -> int:
     j, m = write_results(results, out)
     ep = eval_prompts(40)
     for s in steps:
-        grid(model.generate(ep.prompts, ep.seeds, steps=s, guidance=args.guidance), nrow=10).save(out / f"samples_{s}steps.png")
+        images = model.generate(ep.prompts, ep.seeds, steps=s, guidance=args.guidance)
+        grid(images, nrow=10).save(out / f"samples_{s}steps.png")
     print(m.read_text())
     print(f"wrote {j}, {m} and sample grids to {out}")
     return 0

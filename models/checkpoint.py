@@ -62,6 +62,9 @@ class Sampling(BaseModel):
     timesteps: dict[str, list[float]]  # "steps" -> grid from 1 (noise) down to 0, steps + 1 entries
     guidance: float = Field(default=1.0, ge=0)  # default CFG scale; 1 = no guidance
     max_steps: int = Field(default=1000, ge=1)
+    # consistency parameterisation (role student, parameterization "consistency"): c_skip / c_out constants
+    sigma_data: float = Field(default=0.5, gt=0)
+    boundary_scale: float = Field(default=1000.0, gt=0)
 
     def supported_steps(self) -> list[int]:
         return sorted(int(k) for k in self.timesteps)

@@ -43,3 +43,21 @@ def timesteps(steps: int, schedule: str = "uniform", shift: float = 1.0) -> list
     elif schedule != "uniform":
         raise ValueError(f"unknown schedule {schedule!r} (uniform or shifted)")
     return [float(x) for x in grid]
+
+
+def consistency_coefficients(t: torch.Tensor, sigma_data: float = 0.5, scale: float = 1000.0):
+    """c_skip, c_out of the consistency boundary parameterisation (Song et al. 2023, App. C; LCM):
+    with s = scale·t, c_skip = σd² / (s² + σd²), c_out = σd·s / sqrt(s² + σd²).
+    At t = 0, c_skip = 1 and c_out = 0, so f(x, 0) = x exactly."""
+    s = scale * t
+    c_skip = sigma_data**2 / (s**2 + sigma_data**2)
+    c_out = sigma_data * s / torch.sqrt(s**2 + sigma_data**2)
+    return c_skip, c_out
+
+
+def consistency_function(x_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor, sigma_data: float = 0.5,
+                         scale: float = 1000.0) -> torch.Tensor:
+    """f(x, t) = c_skip(t)·x + c_out(t)·x̂0(x, t), with x̂0 = x − t·v from the velocity network."""
+    c_skip, c_out = consistency_coefficients(t, sigma_data, scale)
+    shape = (-1, *([1] * (x_t.dim() - 1)))
+    return c_skip.view(shape) * x_t + c_out.view(shape) * x0_from_velocity(x_t, v, t)

@@ -51,7 +51,8 @@ class MMDiT(nn.Module):
         txt_mask: torch.Tensor,  # (B, Lt) bool, True = real token
         pooled: torch.Tensor,  # (B, text_dim)
         guidance: torch.Tensor | None = None,  # (B,) CFG scale, for guidance-embedded students
-    ) -> torch.Tensor:
+        return_features: bool = False,  # also return the image tokens after every block (discriminators)
+    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         p = self.cfg.patch_size
         h, w = x.shape[-2:]
         img = self.img_in(rearrange(x, "B C (h ph) (w pw) -> B (h w) (C ph pw)", ph=p, pw=p))  # (B, Li, D)
@@ -64,10 +65,14 @@ class MMDiT(nn.Module):
         n_txt = txt.shape[1]
         cos, sin = self._rope(n_txt, x.device)
         key_mask = torch.cat([txt_mask, txt_mask.new_ones(txt_mask.shape[0], img.shape[1])], dim=1)
+        features: list[torch.Tensor] = []
         for block in self.double_blocks:
             img, txt = block(img, txt, vec, cos, sin, key_mask)
+            features.append(img)
         xs = torch.cat([txt, img], dim=1)  # (B, Lt + Li, D)
         for block in self.single_blocks:
             xs = block(xs, vec, cos, sin, key_mask)
+            features.append(xs[:, n_txt:])
         out = self.final_layer(xs[:, n_txt:], vec)  # (B, Li, p·p·C)
-        return rearrange(out, "B (h w) (C ph pw) -> B C (h ph) (w pw)", h=h // p, w=w // p, ph=p, pw=p)
+        out = rearrange(out, "B (h w) (C ph pw) -> B C (h ph) (w pw)", h=h // p, w=w // p, ph=p, pw=p)
+        return (out, features) if return_features else out

@@ -17,9 +17,10 @@ from torch import nn
 from models.autoencoder import Autoencoder
 from models.checkpoint import Card, CheckpointError, Sampling, read_card, save_checkpoint, sha256_file, verify_file
 from models.config import AutoencoderConfig, ModelConfig
+from models.flow import consistency_function
 from models.flow import timesteps as make_timesteps
 from models.mmdit import MMDiT
-from models.sampling import SAMPLERS, seeded_noise
+from models.sampling import sample_euler, sample_x0, seeded_noise, velocity_denoiser
 from models.text import TextCond, TextEncoder, Tokenizer
 
 TRANSFORMER, TEXT_ENCODER, AUTOENCODER, TOKENIZER = (
@@ -153,8 +154,16 @@ class TextToImage:
         grid = self.grid(steps)
         noise = seeded_noise(seeds, self.latent_shape, self.device)
         fn = self.velocity_fn(self.encode_text(prompts), guidance)
-        sampler = SAMPLERS[self.sampling.sampler]
-        return sampler(fn, noise, grid, seeds) if self.sampling.sampler == "x0" else sampler(fn, noise, grid)
+        if self.sampling.sampler == "euler":
+            return sample_euler(fn, noise, grid)
+        return sample_x0(self.denoiser(fn), noise, grid, seeds)
+
+    def denoiser(self, velocity_fn):
+        """The x0 estimate the x0 sampler steps with: x − t·v, or the consistency function f(x, t)."""
+        if self.card is not None and self.card.parameterization == "consistency":
+            s = self.sampling
+            return lambda x, t: consistency_function(x, velocity_fn(x, t), t, s.sigma_data, s.boundary_scale)
+        return velocity_denoiser(velocity_fn)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -167,7 +176,8 @@ class TextToImage:
         return self.decode(self.generate_latents(prompts, seeds, steps, guidance)).clamp(-1, 1)
 
     # ---- checkpoint I/O ---------------------------------------------------------------------------------
-    def save(self, directory: str | Path, card: dict[str, Any], dtype: str = "float16", overwrite: bool = False) -> Card:
+    def save(self, directory: str | Path, card: dict[str, Any], dtype: str = "float16",
+             overwrite: bool = False) -> Card:
         card = {**card, "model": self.config.to_dict()}
         self.card = save_checkpoint(directory, card, self.modules(), {TOKENIZER: self.tokenizer.to_json()},
                                     dtype=dtype, overwrite=overwrite)

@@ -10,9 +10,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from models.flow import x0_from_velocity
-
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+DenoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t) -> estimate of x0
 
 
 def seeded_noise(seeds: Sequence[int], shape: tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:
@@ -34,7 +33,7 @@ def sample_euler(velocity_fn: VelocityFn, noise: torch.Tensor, grid: Sequence[fl
 
 @torch.no_grad()
 def sample_x0(
-    velocity_fn: VelocityFn, noise: torch.Tensor, grid: Sequence[float], seeds: Sequence[int] | None = None
+    denoise_fn: DenoiseFn, noise: torch.Tensor, grid: Sequence[float], seeds: Sequence[int] | None = None
 ) -> torch.Tensor:
     """Multistep consistency sampling (Song et al. 2023, Alg. 1): predict x0, re-noise to the next time.
 
@@ -43,7 +42,7 @@ def sample_x0(
     x = noise
     ones = torch.ones(x.shape[0], device=x.device, dtype=torch.float32)
     for k, (t, t_next) in enumerate(zip(grid[:-1], grid[1:], strict=True)):
-        x0 = x0_from_velocity(x, velocity_fn(x, ones * t), ones * t)
+        x0 = denoise_fn(x, ones * t)
         if t_next <= 0:
             return x0
         seeds_k = [hash_seed(s, k + 1) for s in seeds] if seeds is not None else range(x.shape[0])
@@ -57,4 +56,10 @@ def hash_seed(seed: int, k: int) -> int:
     return (int(seed) * 1_000_003 + k * 7919) % (2**63 - 1)
 
 
-SAMPLERS = {"euler": sample_euler, "x0": sample_x0}
+def velocity_denoiser(velocity_fn: VelocityFn) -> DenoiseFn:
+    """x̂0 = x − t·v: the clean-sample estimate of a velocity network."""
+    from models.flow import x0_from_velocity
+
+    return lambda x, t: x0_from_velocity(x, velocity_fn(x, t), t)
+
+

@@ -46,7 +46,7 @@ def test_render_blends_exact_colors_and_pads():
 def test_colors_always_differ_and_cover_all_pairs():
     fg, bg = random_colors(5000, torch.Generator().manual_seed(0))
     assert bool((fg != bg).all())
-    assert len(set(zip(fg.tolist(), bg.tolist()))) == 90
+    assert len(set(zip(fg.tolist(), bg.tolist(), strict=True))) == 90
 
 
 def test_both_required_phrasings():

@@ -11,8 +11,8 @@ from models.flow import interpolate, shift_time, timesteps, velocity_target, x0_
 from models.mmdit import MMDiT
 from models.rope import position_ids, rope_tables
 from models.text import TextEncoder, Tokenizer
-from training.data import caption_vocabulary
 from tests.conftest import randomize
+from training.data import caption_vocabulary
 
 
 def test_rope_rotates_adjacent_pairs_by_position_times_frequency():

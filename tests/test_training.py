@@ -6,10 +6,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from tests.conftest import tiny_config
 from training.config import TrainConfig, load_config
 from training.loop import lr_at, train
 from training.stages import make_recipe
-from tests.conftest import tiny_config
 
 
 def _losses(path):

@@ -101,7 +101,8 @@ def accuracy_on_real(net: DigitClassifier, data: str = "digits", n: int = 2000) 
     test = load_data(data, "test")
     b = sample_batch(test, min(n, len(test)), torch.Generator().manual_seed(7))
     out = net(b.images)
-    return {k: float((out[k].argmax(-1) == y).float().mean()) for k, y in (("digit", b.digits), ("fg", b.fg), ("bg", b.bg))}
+    labels = {"digit": b.digits, "fg": b.fg, "bg": b.bg}
+    return {k: float((out[k].argmax(-1) == y).float().mean()) for k, y in labels.items()}
 
 
 def load_classifier(directory: str | Path) -> DigitClassifier:

@@ -108,7 +108,8 @@ def markdown_table(results: list[dict]) -> str:
         for r in res["rows"]:
             lines.append(
                 f"| {res['model']} | {r['steps']} | {100 * r['digit_accuracy']:.1f}% | {100 * r['fg_accuracy']:.1f}% "
-                f"| {100 * r['bg_accuracy']:.1f}% | {r['fd']:.2f} ({res['real_floor_fd']:.2f}) | {r['ms_per_image']:.2f} |"
+                f"| {100 * r['bg_accuracy']:.1f}% | {r['fd']:.2f} ({res['real_floor_fd']:.2f}) "
+                f"| {r['ms_per_image']:.2f} |"
             )
     n = {res["n"] for res in results}
     lines.append("")

@@ -29,7 +29,14 @@ from training.config import TrainConfig, to_dict
 
 
 class Recipe(Protocol):
-    """What a stage or distillation method provides to the loop."""
+    """What a stage or distillation method provides to the loop.
+
+    A recipe whose update is more than one loss and one optimizer (a GAN, DMD2's fake score, a consistency
+    target network) also defines ``setup(device, wrap, student)``, where ``student`` is ``module`` (DDP-wrapped
+    when distributed) and ``wrap`` wraps its other networks likewise; ``train_step(batch, lr) -> (loss, logs)``,
+    which runs its own backward passes and optimizer steps and leaves ``module``'s gradients for the loop's
+    optimizer; and ``extra_state()`` / ``load_extra_state(state)`` for resuming.
+    """
 
     module: nn.Module  # forward(**batch) -> (loss, logs)
 
@@ -110,7 +117,10 @@ def train(cfg: TrainConfig, recipe: Recipe, out_dir: str | Path | None = None, q
     ema = copy.deepcopy(module).requires_grad_(False).eval()
     wrapped: nn.Module = module
     if world > 1:
-        wrapped = nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+        wrapped = _wrapper(world, device)(module)
+    custom = hasattr(recipe, "train_step")
+    if custom:
+        recipe.setup(device, _wrapper(world, device), wrapped)
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
@@ -122,22 +132,26 @@ def train(cfg: TrainConfig, recipe: Recipe, out_dir: str | Path | None = None, q
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
         info = RunInfo(**state["info"])
+        if custom:
+            recipe.load_extra_state(state["extra"])
         if rank == 0 and not quiet:
             print(f"resuming {out} at step {info.step}")
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    log = open(out / "metrics.jsonl", "a") if rank == 0 else None
+    log = open(out / "metrics.jsonl", "a") if rank == 0 else None  # noqa: SIM115 (closed after the loop)
 
     def save_state() -> None:
         if rank != 0:
             return
-        state = {"module": module.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "info": vars(info)}
+        state = {"module": module.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "info": vars(info),
+                 "extra": recipe.extra_state() if custom else None}
         tmp = state_path.with_suffix(".tmp")
         torch.save(state, tmp)
         os.replace(tmp, state_path)
 
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    on_cuda = device.type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else torch.autocast("cpu", enabled=False)
     bar = tqdm(total=cfg.max_steps, initial=info.step, disable=rank != 0 or quiet, dynamic_ncols=True, desc=cfg.name)
     start, window_t, window_img = time.time(), time.time(), 0
     seconds_before = info.seconds
@@ -154,10 +168,14 @@ def train(cfg: TrainConfig, recipe: Recipe, out_dir: str | Path | None = None, q
         lr = lr_at(cfg, info.step, clock)
         for group in opt.param_groups:
             group["lr"] = lr
-        with autocast:
-            loss, logs = wrapped(**batch)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if custom:
+            with autocast:
+                loss, logs = recipe.train_step(batch, lr)  # leaves the student's gradients in .grad
+        else:
+            with autocast:
+                loss, logs = wrapped(**batch)
+            loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(0.0)
         opt.step()
         decay = min(cfg.ema_decay, (1 + info.step) / (10 + info.step)) if cfg.ema_warmup else cfg.ema_decay
@@ -190,6 +208,18 @@ def train(cfg: TrainConfig, recipe: Recipe, out_dir: str | Path | None = None, q
     if world > 1:
         dist.barrier()
     return info
+
+
+def _wrapper(world: int, device: torch.device):
+    """How custom recipes wrap each extra trainable network: DDP when there are several processes."""
+
+    def wrap(module: nn.Module) -> nn.Module:
+        if world == 1:
+            return module
+        ids = [device.index] if device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(module, device_ids=ids)
+
+    return wrap
 
 
 def _rank0_value(value: float, device: torch.device) -> float:

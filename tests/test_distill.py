@@ -1,0 +1,141 @@
+"""Every distillation method end to end on the tiny teacher, and every loss against hand-computed values."""
+
+import math
+
+import pytest
+import torch
+
+from models.checkpoint import read_card
+from models.flow import consistency_coefficients, consistency_function
+from models.pipeline import TextToImage
+from training.distill.config import DistillConfig
+from training.distill.losses import (
+    dmd_gradient,
+    dmd_loss,
+    hinge_discriminator,
+    hinge_generator,
+    progressive_velocity_target,
+    pseudo_huber,
+)
+from training.distill.methods import distill
+
+
+def tiny_distill(tmp_path, teacher, **changes):
+    base = dict(teacher=str(teacher), data="synthetic", batch_size=4, max_steps=2, warmup_steps=1, log_every=1,
+                out=str(tmp_path), name="tiny-student", export_dtype="float32", start_steps=4, grid_steps=4,
+                pairs=8, samples=8, pair_steps=2, fake_updates=2)
+    base.update(changes)
+    return DistillConfig(**base)
+
+
+@pytest.mark.parametrize(
+    ("method", "changes", "expect_steps"),
+    [
+        ("progressive", {}, [[2], [1]]),
+        ("consistency", {}, [[1, 2, 4]]),
+        ("reflow", {}, [[1, 2, 4, 8], [1, 2, 4]]),
+        ("dmd2", {}, [[1]]),
+        ("dmd2", {"generator_steps": 4}, [[4]]),
+        ("ladd", {}, [[1, 2, 4]]),
+    ],
+)
+def test_method_yields_loadable_students(tiny_teacher, tmp_path, method, changes, expect_steps):
+    students = distill(tiny_distill(tmp_path, tiny_teacher, method=method, **changes))
+    assert [read_card(s).sampling.supported_steps() for s in students] == expect_steps
+    teacher_card = read_card(tiny_teacher)
+    for path in students:
+        card = read_card(path)
+        assert card.role == "student" and card.training["method"] == method
+        assert card.teacher.name == teacher_card.name
+        assert card.teacher.sha256 == teacher_card.files["transformer.safetensors"].sha256
+        student = TextToImage.load(path)
+        for steps in card.sampling.supported_steps():
+            images = student.generate(["a red 7 on black", "two in blue on a white background"], [1, 2], steps=steps)
+            assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
+        with pytest.raises(ValueError, match="supports steps"):
+            student.generate(["a red 7 on black"], [1], steps=3)
+
+
+def test_a_progressive_round_halves_the_step_count(tiny_teacher, tmp_path):
+    students = distill(tiny_distill(tmp_path, tiny_teacher, method="progressive", start_steps=8, max_steps=3))
+    cards = [read_card(s) for s in students]
+    assert [c.training["round_teacher_steps"] for c in cards] == [8, 4, 2]
+    assert [c.sampling.default_steps for c in cards] == [4, 2, 1]
+    assert cards[0].sampling.timesteps["4"] == [1.0, 0.75, 0.5, 0.25, 0.0]
+
+
+def test_consistency_function_is_the_identity_at_the_boundary():
+    x, v = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    out = consistency_function(x, v, torch.zeros(3))
+    assert torch.equal(out, x)
+    c_skip, c_out = consistency_coefficients(torch.tensor([0.0, 0.5]), sigma_data=0.5, scale=1000.0)
+    assert c_skip.tolist()[0] == 1.0 and c_out.tolist()[0] == 0.0
+    assert float(c_out[1]) == pytest.approx(0.5 * 500 / math.sqrt(500**2 + 0.25))
+
+
+def test_pseudo_huber_by_hand():
+    diff = torch.tensor([[3.0, 4.0], [0.0, 0.0]])
+    assert float(pseudo_huber(diff, c=1.0)) == pytest.approx(((math.sqrt(26) - 1) + 0.0) / 2)
+
+
+def test_progressive_target_by_hand():
+    # teacher lands at 0.5 from 1.0 over t: 1 -> 0.5; one student step of -0.5 needs v = 1
+    x_t, x_target = torch.tensor([[1.0]]), torch.tensor([[0.5]])
+    v = progressive_velocity_target(x_t, x_target, torch.tensor([1.0]), torch.tensor([0.5]))
+    assert v.item() == pytest.approx(1.0)
+
+
+def test_dmd_gradient_and_loss_by_hand():
+    x = torch.tensor([[1.0, 1.0]], requires_grad=True)
+    x0_real, x0_fake = torch.tensor([[0.0, 0.0]]), torch.tensor([[0.5, 1.0]])
+    grad = dmd_gradient(x.detach(), x0_real, x0_fake)
+    # p_real = [1, 1], p_fake = [0.5, 0], mean|p_real| = 1
+    assert grad.tolist() == [[0.5, 1.0]]
+    loss = dmd_loss(x, grad)
+    assert float(loss.detach()) == pytest.approx(0.5 * (0.25 + 1.0) / 2)
+    loss.backward()
+    assert x.grad[0].tolist() == pytest.approx([0.25, 0.5])  # grad / numel
+
+
+def test_hinge_losses_by_hand():
+    real, fake = torch.tensor([0.5, 2.0]), torch.tensor([-2.0, 0.0])
+    assert float(hinge_discriminator(real, fake)) == pytest.approx(0.25 + 0.5)
+    assert float(hinge_generator(fake)) == pytest.approx(1.0)
+
+
+def test_reflow_loss_on_a_fixed_input(tiny_teacher):
+    from training.distill.common import build_student
+    from training.distill.reflow import ReflowLoss
+
+    teacher = TextToImage.load(tiny_teacher)
+    student = build_student(teacher)
+    with torch.no_grad():  # a student whose velocity is exactly zero everywhere
+        student.final_layer.linear.weight.zero_()
+        student.final_layer.linear.bias.zero_()
+    z, x = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    loss, _ = ReflowLoss(student)(z, x, torch.tensor([0.3, 1.0]), teacher.encode_text(["a", "b"]))
+    assert float(loss.detach()) == pytest.approx(float((z - x).pow(2).mean()), rel=1e-6)
+
+
+def test_consistency_loss_on_a_fixed_input(tiny_teacher):
+    from training.distill.consistency import ConsistencyRecipe
+    from training.distill.losses import default_huber_c
+
+    cfg = tiny_distill(None, tiny_teacher, method="consistency", target_ema=0.0)
+    teacher = TextToImage.load(tiny_teacher)
+    for net in (teacher.transformer,):
+        with torch.no_grad():  # zero velocity: the teacher step keeps x, f = (c_skip + c_out)·x
+            net.final_layer.linear.weight.zero_()
+            net.final_layer.linear.bias.zero_()
+    recipe = ConsistencyRecipe(cfg, teacher)
+    recipe.setup(torch.device("cpu"), lambda m: m, recipe.module)
+    x0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    t, s = torch.tensor([0.5, 0.25]), torch.tensor([0.25, 0.0])
+    batch = {"x0": x0, "noise": noise, "t": t, "s": s, "w": torch.tensor([2.0, 3.0]),
+             "cond": teacher.encode_text(["a red 7 on black", "a"])}
+    loss, _ = recipe.train_step(batch, lr=0.0)
+    x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * noise
+    ct, ot = consistency_coefficients(t)
+    cs, os_ = consistency_coefficients(s)
+    diff = ((ct + ot) - (cs + os_)).view(-1, 1, 1, 1) * x_t
+    assert float(loss.detach()) == pytest.approx(float(pseudo_huber(diff, default_huber_c(256))), rel=1e-5)

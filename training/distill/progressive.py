@@ -1,0 +1,104 @@
+"""Progressive distillation (Salimans & Ho 2022), on the flow ODE with Euler steps.
+
+Round k: the student starts as its teacher; from x_t on the student's N/2-step grid the teacher takes two
+Euler steps of 1/N (with CFG in the first round, whose teacher is the real one); the student learns the
+single velocity that lands on the same point. Each round halves the step count; each round's student is
+saved and is the next round's teacher.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from models.flow import interpolate
+from models.pipeline import TextToImage
+from training.distill.common import (
+    Conditioner,
+    DataSource,
+    export_student,
+    guided_velocity,
+    load_teacher,
+    prepare_common,
+    teacher_guidance,
+    velocity,
+)
+from training.distill.config import DistillConfig
+from training.distill.losses import progressive_velocity_target
+from training.loop import train
+
+
+class ProgressiveLoss(nn.Module):
+    """Student loss for one round; the round's teacher (frozen) is held outside the parameter list."""
+
+    def __init__(self, student: nn.Module, round_teacher: nn.Module, teacher_steps: int, guidance: float, empty):
+        super().__init__()
+        self.student = student
+        self._teacher = [round_teacher]  # a list: not registered, not optimised, not in the state dict
+        self.n, self.guidance, self.empty = teacher_steps, guidance, empty
+
+    def forward(self, x0, noise, t, cond):
+        teacher = self._teacher[0]
+        x_t = interpolate(x0, noise, t)
+        dt = 1.0 / self.n
+        with torch.no_grad():
+            x = x_t
+            for k in range(2):  # two teacher steps of 1/N: t -> t − 1/N -> t − 2/N
+                tk = t - k * dt
+                v = guided_velocity(teacher, x, tk, cond, self.empty(len(t)), self.guidance)
+                x = x - dt * v
+            target = progressive_velocity_target(x_t, x, t, t - 2 * dt)
+        v_student = velocity(self.student, x_t, t, cond)
+        return (v_student.float() - target.float()).pow(2).mean(), {}
+
+
+class ProgressiveRound:
+    def __init__(self, cfg: DistillConfig, teacher: TextToImage, round_teacher: nn.Module, teacher_steps: int,
+                 guidance: float):
+        self.cfg, self.teacher = cfg, teacher
+        self.cond = Conditioner(teacher)
+        self.source = DataSource(cfg, teacher)
+        self.student_steps = teacher_steps // 2
+        student = copy.deepcopy(round_teacher).train().requires_grad_(True)
+        self.module = ProgressiveLoss(student, round_teacher.eval().requires_grad_(False), teacher_steps,
+                                      guidance, self.cond.empty)
+
+    def make_batch(self, step: int, generator: torch.Generator) -> dict[str, Any]:
+        b = self.cfg.batch_size
+        batch = self.source.draw(b, generator)
+        j = torch.randint(1, self.student_steps + 1, (b,), generator=generator)  # student grid point
+        batch["t"] = j.float() / self.student_steps
+        batch["noise"] = torch.randn(b, *self.teacher.latent_shape, generator=generator)
+        return batch
+
+    def prepare(self, batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+        self.teacher.to(device)
+        return prepare_common(batch, device, self.cond, self.source)
+
+    def export(self, ema: nn.Module, out_dir: Path, info: dict[str, Any]):
+        return export_student(self.teacher, ema.student, out_dir, self.cfg, info, [self.student_steps],
+                              extra={"round_teacher_steps": self.module.n})
+
+
+def run_progressive(cfg: DistillConfig, out: Path, teacher: TextToImage | None = None) -> list[Path]:
+    teacher = teacher or load_teacher(cfg.teacher)
+    n = cfg.start_steps
+    if n < 2 or n & (n - 1):
+        raise ValueError(f"start_steps must be a power of two >= 2, got {n}")
+    rounds = n.bit_length() - 1
+    per_round = max(1, cfg.max_steps // rounds)
+    round_teacher, guidance, exported = teacher.transformer, teacher_guidance(cfg, teacher), []
+    while n > 1:
+        round_cfg = replace(cfg, max_steps=per_round, name=f"{cfg.name}-{n // 2}step")
+        recipe = ProgressiveRound(round_cfg, teacher, round_teacher, n, guidance)
+        round_dir = out / f"round-{n}to{n // 2}"
+        train(round_cfg, recipe, out_dir=round_dir)
+        exported.append(round_dir / "export")
+        round_teacher = TextToImage.load(round_dir / "export").transformer  # the EMA student teaches next
+        guidance, n = 1.0, n // 2  # CFG is distilled into the first student
+    return exported
