@@ -217,6 +217,44 @@ def _eval_run(args: argparse.Namespace) -> int:
 command("eval", "measure digit/color accuracy, Fréchet distance and speed")((_eval_args, _eval_run))
 
 
+# ---- serve -----------------------------------------------------------------------------------------------
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--models", help="directory of checkpoints to serve (default: zoo/)")
+    p.add_argument("--host", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default 8000)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--config", help="YAML file of settings (see docs/api.md); flags and FEWSTEP_* override it")
+    p.add_argument("--default-model", help="model for requests that name none")
+    p.add_argument("--max-batch", type=int)
+    p.add_argument("--max-wait-ms", type=float)
+    p.add_argument("--queue-size", type=int)
+    p.add_argument("--request-timeout-s", type=float)
+    p.add_argument("--api-key", action="append", dest="api_keys", help="require this Bearer key on /v1 (repeatable)")
+    p.add_argument("--no-warmup", action="store_false", dest="warmup", default=None)
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+
+def _serve_run(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from server.main import serve
+    from server.settings import load_settings
+
+    flags = {k: getattr(args, k) for k in ("models", "host", "port", "device", "default_model", "max_batch",
+                                           "max_wait_ms", "queue_size", "request_timeout_s", "api_keys",
+                                           "warmup", "log_level")}
+    try:
+        settings = load_settings(args.config, **flags)
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise ValueError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    serve(settings)
+    return 0
+
+
+command("serve", "serve the models over HTTP (REST + OpenAI-compatible images API)")((_serve_args, _serve_run))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fewstep", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)

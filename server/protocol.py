@@ -1,0 +1,72 @@
+"""Request and response types of the HTTP API (pydantic). Limits that depend on settings are checked in
+the handlers, which name the offending field."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"  # no slashes: a model is a name, never a path
+MAX_SEED = 2**53 - 1  # exact in JSON numbers everywhere
+OutputFormat = Literal["png", "jpeg", "webp"]
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    prompt: str
+    steps: int | None = Field(default=None, ge=1)
+    n: int = Field(default=1, ge=1)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    guidance: float | None = Field(default=None, ge=0, le=50)
+    model: str | None = Field(default=None, pattern=MODEL_NAME)
+    quality: Literal["teacher"] | None = None  # "teacher": skip the student
+    output_format: OutputFormat = "png"
+
+
+class GeneratedImage(BaseModel):
+    b64: str
+    seed: int
+    format: OutputFormat
+
+
+class Timings(BaseModel):
+    queue_ms: float
+    inference_ms: float
+    encode_ms: float
+    total_ms: float
+
+
+class GenerateResponse(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+    images: list[GeneratedImage]
+    model: str  # what was asked for
+    served_by: str  # who generated the images
+    steps: int
+    fallback_reason: str | None
+    batch_images: int
+    timings: Timings
+
+
+class ImagesRequest(BaseModel):
+    """OpenAI's POST /v1/images/generations body."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    prompt: str
+    model: str | None = Field(default=None, pattern=MODEL_NAME)
+    n: int = Field(default=1, ge=1)
+    size: str | None = None
+    quality: Literal["auto", "low", "medium", "high", "standard", "hd", "teacher"] | None = None
+    response_format: Literal["b64_json", "url"] | None = None
+    output_format: OutputFormat | None = None
+    output_compression: int | None = Field(default=None, ge=0, le=100)
+    background: Literal["auto", "opaque", "transparent"] | None = None
+    moderation: Literal["auto", "low"] | None = None
+    style: Literal["vivid", "natural"] | None = None
+    user: str | None = Field(default=None, max_length=256)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)  # an extension: OpenAI has no seed
+
+
+# quality -> student step count; "teacher" goes to the teacher at its default steps (docs/api.md)
+QUALITY_STEPS: dict[str, int | None] = {"low": 1, "auto": None, "standard": 2, "medium": 2, "high": 4, "hd": 4,
+                                        "teacher": None}

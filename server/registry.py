@@ -1,0 +1,114 @@
+"""The models a server serves: every checkpoint directory under the models dir, and who falls back to whom.
+
+A student that fails to load is still listed (with its error) so that its requests go to its teacher and
+/readyz can say why the server is degraded.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from models.checkpoint import Card, CheckpointError, read_card
+from models.pipeline import TRANSFORMER, TextToImage
+
+log = logging.getLogger("fewstep.server")
+
+
+@dataclass
+class ServedModel:
+    name: str
+    role: str  # teacher | student
+    path: Path
+    model: TextToImage | None = None
+    card: Card | None = None
+    teacher: str | None = None  # the teacher a student falls back to
+    error: str | None = None  # why it cannot serve
+
+    @property
+    def ready(self) -> bool:
+        return self.model is not None and self.error is None
+
+    def supported_steps(self) -> list[int]:
+        return self.card.sampling.supported_steps() if self.card and self.card.sampling else []
+
+    def supports(self, steps: int) -> bool:
+        return self.model.supports(steps) if self.model is not None else False
+
+
+@dataclass
+class Registry:
+    models: dict[str, ServedModel] = field(default_factory=dict)
+    default: str | None = None
+
+    @classmethod
+    def scan(cls, directory: Path, device: torch.device, default: str | None = None) -> Registry:
+        if not directory.is_dir():
+            raise ValueError(f"models directory {directory} does not exist")
+        reg = cls()
+        for sub in sorted(p for p in directory.iterdir() if p.is_dir()):
+            if not (sub / "card.json").exists():
+                continue
+            try:
+                card = read_card(sub)
+            except CheckpointError as e:
+                reg.models[sub.name] = ServedModel(sub.name, "student", sub, error=str(e))
+                log.warning("cannot read %s: %s", sub, e)
+                continue
+            if card.role not in ("teacher", "student"):
+                continue
+            entry = ServedModel(card.name, card.role, sub, card=card)
+            try:
+                entry.model = TextToImage.load(sub, device)
+            except CheckpointError as e:
+                entry.error = str(e)
+                log.warning("cannot load %s: %s", sub, e)
+            reg.models[card.name] = entry
+        reg._link_teachers()
+        if not reg.teachers() and not any(m.ready for m in reg.models.values()):
+            raise ValueError(f"no loadable teacher or student in {directory}")
+        reg.default = default or reg._pick_default()
+        if reg.default not in reg.models:
+            raise ValueError(f"default model {reg.default!r} is not among {sorted(reg.models)}")
+        return reg
+
+    @classmethod
+    def of(cls, *entries: ServedModel, default: str | None = None) -> Registry:
+        reg = cls({e.name: e for e in entries})
+        reg._link_teachers()
+        reg.default = default or reg._pick_default()
+        return reg
+
+    def teachers(self) -> list[ServedModel]:
+        return [m for m in self.models.values() if m.role == "teacher" and m.ready]
+
+    def _link_teachers(self) -> None:
+        by_sha = {m.model.card.files[TRANSFORMER].sha256: m.name for m in self.teachers() if m.model.card}
+        teachers = self.teachers()
+        for m in self.models.values():
+            if m.role != "student":
+                continue
+            ref = m.card.teacher if m.card else None
+            if ref and ref.sha256 in by_sha:
+                m.teacher = by_sha[ref.sha256]
+            elif ref and ref.name in self.models and self.models[ref.name].role == "teacher":
+                m.teacher = ref.name
+            elif len(teachers) == 1:
+                m.teacher = teachers[0].name
+
+    def _pick_default(self) -> str:
+        students = [m for m in self.models.values() if m.role == "student" and m.supported_steps()]
+        if students:  # the student that needs the fewest steps; then the most recently trained
+            return min(students, key=lambda m: (min(m.supported_steps()), m.name)).name
+        teachers = self.teachers()
+        return teachers[0].name if teachers else next(iter(self.models))
+
+    def teacher_for(self, name: str) -> ServedModel | None:
+        m = self.models[name]
+        if m.role == "teacher":
+            return m if m.ready else None
+        t = self.models.get(m.teacher) if m.teacher else None
+        return t if t is not None and t.ready else None

@@ -1,0 +1,132 @@
+"""The HTTP API against a real uvicorn server: endpoints, determinism, errors, auth, request ids."""
+
+import base64
+import io
+
+import pytest
+from PIL import Image
+
+from tests.server.conftest import LiveServer, make_settings
+
+
+def _png(b64: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
+def test_health_readiness_and_models(live):
+    with live.client() as c:
+        assert c.get("/healthz").text == "ok"
+        ready = c.get("/readyz")
+        assert ready.status_code == 200 and ready.text.startswith("degraded")
+        assert "tiny-broken" in ready.text  # the student that could not load
+        models = {m["id"]: m for m in c.get("/v1/models").json()["data"]}
+    assert models["tiny-student"]["supported_steps"] == [1, 2, 4]
+    assert models["tiny-student"]["teacher"] == "tiny-teacher" and models["tiny-student"]["default"]
+    assert models["tiny-teacher"]["role"] == "teacher" and models["tiny-teacher"]["native_size"] == "32x32"
+    assert models["tiny-broken"]["ready"] is False and "transformer.safetensors" in models["tiny-broken"]["error"]
+
+
+def test_generate_returns_images_with_provenance_and_timings(live):
+    with live.client() as c:
+        r = c.post("/v1/generate", json={"prompt": "a red 7 on black", "steps": 2, "n": 3, "seed": 40})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["served_by"] == "tiny-student" and body["steps"] == 2 and body["fallback_reason"] is None
+    assert [im["seed"] for im in body["images"]] == [40, 41, 42]
+    assert all(_png(im["b64"]).size == (32, 32) for im in body["images"])
+    assert set(body["timings"]) == {"queue_ms", "inference_ms", "encode_ms", "total_ms"}
+    assert r.headers["x-request-id"]
+
+
+def test_same_seed_same_bytes(live):
+    req = {"prompt": "seven in red on a black background", "steps": 4, "seed": 7}
+    with live.client() as c:
+        a, b = (c.post("/v1/generate", json=req).json() for _ in range(2))
+        other = c.post("/v1/generate", json={**req, "seed": 8}).json()
+    assert a["images"][0]["b64"] == b["images"][0]["b64"]
+    assert a["images"][0]["b64"] != other["images"][0]["b64"]
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpeg", "webp"])
+def test_raw_image_with_accept_header(live, fmt):
+    with live.client() as c:
+        r = c.post("/v1/generate", json={"prompt": "a white 0 on blue", "output_format": fmt, "seed": 1},
+                   headers={"accept": f"image/{fmt}"})
+    assert r.status_code == 200 and r.headers["content-type"] == f"image/{fmt}"
+    assert Image.open(io.BytesIO(r.content)).format.lower() == fmt
+    assert r.headers["x-served-by"] == "tiny-student" and r.headers["x-seed"] == "1"
+
+
+@pytest.mark.parametrize(
+    ("payload", "status", "param"),
+    [
+        ('{"prompt": "a red 7', 400, None),  # malformed JSON
+        ('["a red 7"]', 400, None),
+        ({"prompt": 7}, 400, "prompt"),
+        ({"prompt": "a red 7 on black", "steps": "two"}, 400, "steps"),
+        ({"prompt": "a red 7 on black", "steps": 0}, 400, "steps"),
+        ({"prompt": "a red 7 on black", "steps": 10_000}, 400, "steps"),
+        ({"prompt": "a red 7 on black", "n": 0}, 400, "n"),
+        ({"prompt": "a red 7 on black", "n": 9}, 400, "n"),
+        ({"prompt": "   "}, 400, "prompt"),
+        ({"prompt": "x" * 301}, 400, "prompt"),
+        ({"prompt": "a red 7 on black", "model": "nope"}, 404, "model"),
+        ({"prompt": "a red 7 on black", "model": "../../etc/passwd"}, 400, "model"),
+        ({"prompt": "a red 7 on black", "seed": 2**64}, 400, "seed"),
+        ({"prompt": "a red 7 on black", "seed": -1}, 400, "seed"),
+        ({"prompt": "a red 7 on black", "output_format": "gif"}, 400, "output_format"),
+        ({"prompt": "a red 7 on black", "colour": "red"}, 400, "colour"),
+        ({"prompt": "a red 7 on black", "guidance": "strong"}, 400, "guidance"),
+    ],
+)
+def test_bad_input_is_a_4xx_naming_the_field(live, payload, status, param):
+    with live.client() as c:
+        if isinstance(payload, str):
+            r = c.post("/v1/generate", content=payload, headers={"content-type": "application/json"})
+        else:
+            r = c.post("/v1/generate", json=payload)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["message"] and err["type"]
+
+
+def test_oversized_body_and_wrong_content_type(live):
+    with live.client() as c:
+        r = c.post("/v1/generate", content=b'{"prompt": "' + b"a" * 70_000 + b'"}',
+                   headers={"content-type": "application/json"})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+        r = c.post("/v1/generate", content=b"prompt=a", headers={"content-type": "text/plain"})
+        assert r.status_code == 415
+        assert c.get("/v1/nothing").status_code == 404
+        assert c.get("/v1/generate").status_code == 405
+
+
+def test_request_id_is_honoured(live):
+    with live.client() as c:
+        r = c.get("/v1/models", headers={"x-request-id": "abc-123"})
+        assert r.headers["x-request-id"] == "abc-123"
+        r = c.get("/v1/models", headers={"x-request-id": "bad id\twith spaces"})
+        assert r.headers["x-request-id"] != "bad id\twith spaces" and len(r.headers["x-request-id"]) == 32
+
+
+def test_metrics_show_latencies(live):
+    with live.client() as c:
+        c.post("/v1/generate", json={"prompt": "a red 7 on black", "seed": 3})
+        text = c.get("/metrics").text
+    for name in ("fewstep_request_latency_seconds_bucket", "fewstep_queue_wait_seconds_count",
+                 "fewstep_batch_inference_seconds_count", "fewstep_batch_size_images_count",
+                 "fewstep_queue_depth_requests", "fewstep_requests_in_flight", "fewstep_images_generated_total",
+                 "fewstep_errors_total"):
+        assert name in text, name
+    assert 'endpoint="generate",model="tiny-student",status="200",steps="1"' in text
+
+
+def test_api_keys_protect_v1(models_dir):
+    with LiveServer(make_settings(models_dir, api_keys=["s3cret"], warmup=False)) as server, server.client() as c:
+        r = c.post("/v1/generate", json={"prompt": "a red 7 on black"})
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        assert c.post("/v1/generate", json={"prompt": "a red 7 on black"},
+                      headers={"authorization": "Bearer wrong"}).status_code == 401
+        assert c.post("/v1/generate", json={"prompt": "a red 7 on black"},
+                      headers={"authorization": "Bearer s3cret"}).status_code == 200
+        assert c.get("/healthz").status_code == 200  # probes stay open
