@@ -1,0 +1,89 @@
+"""Quality table for docs/results.md: `fewstep eval` of several models at several step counts, in one run.
+
+    python benchmarks/quality.py --model zoo/digits-teacher:40,1,2,4 --model runs/distill/x/export:1,2,4 \
+        --n 1000 --out docs/results.md --grids docs/img
+
+Each row: digit and color accuracy, Fréchet distance (with the real-vs-real floor at the same n), ms per
+image on this machine, and the model's training time from its card. One PNG grid per model and step count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from fewstep.paths import zoo_dir  # noqa: E402
+from models.images import grid  # noqa: E402
+from models.pipeline import TextToImage  # noqa: E402
+from training.classifier import load_classifier  # noqa: E402
+from training.evaluate import eval_prompts, evaluate  # noqa: E402
+
+
+def training_minutes(model: TextToImage) -> str:
+    t = model.card.training if model.card else {}
+    secs = t.get("duration_s")
+    return f"{secs / 60:.0f} min" if secs else "—"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", action="append", required=True, help="DIR:STEPS,STEPS,...")
+    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--out", default="docs/results.md")
+    p.add_argument("--grids", default="docs/img")
+    p.add_argument("--classifier", default=str(zoo_dir() / "digits-classifier"))
+    p.add_argument("--json", help="also write the raw results here")
+    args = p.parse_args()
+    classifier = load_classifier(args.classifier)
+    grids = Path(args.grids)
+    grids.mkdir(parents=True, exist_ok=True)
+    rows, raw = [], []
+    for spec in args.model:
+        path, _, steps_s = spec.rpartition(":")
+        model = TextToImage.load(path)
+        steps = [int(s) for s in steps_s.split(",")]
+        res = evaluate(model, classifier, steps, n=args.n)
+        raw.append(res)
+        ep = eval_prompts(40)
+        for r in res["rows"]:
+            img = grids / f"{model.name}-{r['steps']}steps.png"
+            grid(model.generate(ep.prompts, ep.seeds, steps=r["steps"]), nrow=10).save(img)
+            rows.append((model, res, r, img))
+    lines = [
+        "| model | method | steps | digit acc | fg acc | bg acc | FD (real floor) | ms / image | training |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for model, res, r, _ in rows:
+        method = model.card.training.get("method", "?") if model.card else "?"
+        lines.append(
+            f"| {model.name} | {method} | {r['steps']} | {100 * r['digit_accuracy']:.1f}% | "
+            f"{100 * r['fg_accuracy']:.1f}% | {100 * r['bg_accuracy']:.1f}% | {r['fd']:.2f} "
+            f"({res['real_floor_fd']:.2f}) | {r['ms_per_image']:.2f} | {training_minutes(model)} |"
+        )
+    out = Path(args.out)
+    rel = Path("img") if out.parent == grids.parent else grids
+    samples = "\n".join(f"**{m.name}, {r['steps']} steps** (prompts: the first 40 evaluation prompts)\n\n"
+                        f"![{m.name} {r['steps']} steps]({rel / img.name})\n" for m, _, r, img in rows)
+    threads = torch.get_num_threads()
+    out.write_text(
+        "# Results\n\n"
+        f"`python benchmarks/quality.py {' '.join('--model ' + m for m in args.model)} --n {args.n}` "
+        f"on a CPU with {threads} threads; n = {args.n} images per row, judged by `zoo/digits-classifier`. "
+        "FD: Fréchet distance between the classifier's features of generated and of real test images; the "
+        "real floor is the same distance between two disjoint real sets of the same size.\n\n"
+        + "\n".join(lines) + "\n\n## Samples\n\n" + samples
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(raw, indent=2))
+    print(out.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""Serving benchmark: latency, HTTP overhead and batching throughput, all in one run on one machine.
+
+    python benchmarks/serve.py --models zoo --out docs/performance.md
+
+Starts `fewstep serve` twice as subprocesses on loopback ports (batching on: max_batch 32; off: max_batch 1)
+and measures, with real HTTP clients:
+- p50/p99 latency of the default (best) student at 1, 2 and 4 steps and of the teacher at its default steps;
+- the teacher / 1-step latency ratio;
+- HTTP p50 versus in-process generation (+ PNG encoding) of the same 1-step request;
+- images/s at 1 and 32 concurrent clients, batching on versus off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, models: str, **flags):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "fewstep.cli", "serve", "--models", models, "--port", str(self.port),
+               "--log-level", "warning"]
+        for k, v in flags.items():
+            cmd += [f"--{k.replace('_', '-')}", str(v)]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT)
+
+    def __enter__(self) -> Server:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("server did not become ready")
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=60)
+
+
+def percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
+def latencies(url: str, payload: dict, n: int) -> list[float]:
+    out = []
+    with httpx.Client(base_url=url, timeout=300) as c:
+        c.post("/v1/generate", json=payload)  # one more warm-up through HTTP
+        for i in range(n):
+            t0 = time.perf_counter()
+            r = c.post("/v1/generate", json={**payload, "seed": 1000 + i})
+            out.append(1000 * (time.perf_counter() - t0))
+            r.raise_for_status()
+    return out
+
+
+async def _throughput(url: str, payload: dict, clients: int, total: int) -> float:
+    sem = asyncio.Semaphore(clients)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=clients)) as c:
+        async def one(i: int) -> None:
+            async with sem:
+                r = await c.post("/v1/generate", json={**payload, "seed": i})
+                r.raise_for_status()
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(total)))
+        return total / (time.perf_counter() - t0)
+
+
+def throughput(url: str, payload: dict, clients: int, total: int) -> float:
+    return asyncio.run(_throughput(url, payload, clients, total))
+
+
+def in_process_ms(model_dir: Path, steps: int, n: int) -> list[float]:
+    from models.images import encode, to_pil
+    from models.pipeline import TextToImage
+
+    model = TextToImage.load(model_dir)
+    model.generate(["warm up"], [0], steps=steps)
+    out = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        encode(to_pil(model.generate(["a red 7 on black"], [1000 + i], steps=steps))[0])
+        out.append(1000 * (time.perf_counter() - t0))
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default=str(ROOT / "zoo"))
+    p.add_argument("--requests", type=int, default=40, help="sequential requests per latency row")
+    p.add_argument("--total", type=int, default=256, help="requests per throughput row")
+    p.add_argument("--out", default=str(ROOT / "docs" / "performance.md"))
+    args = p.parse_args()
+
+    with Server(args.models, max_batch=32, max_wait_ms=5, queue_size=512) as on:
+        models = {m["id"]: m for m in httpx.get(on.url + "/v1/models").json()["data"]}
+        student = next(m for m in models.values() if m["default"])
+        teacher = next(m for m in models.values() if m["role"] == "teacher")
+        rows = []
+        for steps in [s for s in (1, 2, 4) if s in (student["supported_steps"] or [])]:
+            rows.append((student["id"], steps, latencies(on.url, {"prompt": "a red 7 on black", "steps": steps},
+                                                         args.requests)))
+        rows.append((teacher["id"], teacher["default_steps"],
+                     latencies(on.url, {"prompt": "a red 7 on black", "model": teacher["id"]},
+                               max(5, args.requests // 4))))
+        one_step = {"prompt": "a red 7 on black", "steps": min(student["supported_steps"])}
+        tput_on = {c: throughput(on.url, one_step, c, args.total) for c in (1, 32)}
+    with Server(args.models, max_batch=1, max_wait_ms=0, queue_size=512) as off:
+        tput_off = {c: throughput(off.url, one_step, c, args.total) for c in (1, 32)}
+    local = in_process_ms(Path(args.models) / student["id"], one_step["steps"], args.requests)
+
+    p50 = {(m, s): percentile(xs, 50) for m, s, xs in rows}
+    student_1 = p50.get((student["id"], min(student["supported_steps"])))
+    teacher_p50 = p50[(teacher["id"], teacher["default_steps"])]
+    import torch
+
+    lines = [
+        "| model | steps | p50 ms | p99 ms |", "|---|---:|---:|---:|",
+        *[f"| {m} | {s} | {percentile(xs, 50):.1f} | {percentile(xs, 99):.1f} |" for m, s, xs in rows],
+    ]
+    summary = [
+        "| figure | value | target |", "|---|---:|---:|",
+        f"| teacher p50 / 1-step student p50 | {teacher_p50 / student_1:.1f}× | ≥ 40× |",
+        f"| HTTP p50 / in-process p50, 1 step | {student_1 / percentile(local, 50):.2f}× "
+        f"({student_1:.1f} / {percentile(local, 50):.1f} ms) | ≤ 1.2× |",
+        f"| images/s, 1 client, batching on / off | {tput_on[1]:.1f} / {tput_off[1]:.1f} | |",
+        f"| images/s, 32 clients, batching on / off | {tput_on[32]:.1f} / {tput_off[32]:.1f} | |",
+        f"| 32 clients batched / serial batch-1 (1 client, batching off) | {tput_on[32] / tput_off[1]:.1f}× | ≥ 5× |",
+    ]
+    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch "
+               f"{torch.__version__}, {torch.get_num_threads()} threads, no GPU")
+    text = (
+        "# Performance\n\n"
+        f"Measured by `python benchmarks/serve.py` in one run on one machine ({machine}); the server and its "
+        "clients share the machine. Ratios are the figures to compare; absolute times mean little off a GPU.\n\n"
+        "## Serving latency (sequential requests, n = 1 image)\n\n" + "\n".join(lines) + "\n\n"
+        "## Summary\n\n" + "\n".join(summary) + "\n"
+    )
+    out = Path(args.out)
+    previous = out.read_text() if out.exists() else ""
+    marker = "\n## Kernels"
+    tail = previous[previous.index(marker):] if marker in previous else ""
+    out.write_text(text + tail)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
