@@ -82,6 +82,7 @@ class Engine:
         self._task: asyncio.Task | None = None
         self.warmed_up = False
         self.warmup_errors: dict[str, str] = {}
+        self._last_arrival, self._arrival_gap_s = float("-inf"), float("inf")
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -175,6 +176,7 @@ class Engine:
         if len(self.queue) >= self.settings.queue_size:
             raise QueueFull()
         job.future = asyncio.get_running_loop().create_future()
+        self._arrival_gap_s, self._last_arrival = job.enqueued - self._last_arrival, job.enqueued
         self.queue.append(job)
         self.metrics.queue_depth.set(len(self.queue))
         self._wake.set()
@@ -214,8 +216,11 @@ class Engine:
             while not self.queue:
                 self._wake.clear()
                 await self._wake.wait()
-            # give a batch up to max_wait_ms to fill (only matters when the device is idle)
-            deadline = time.perf_counter() + self.settings.max_wait_ms / 1000
+            # The device is idle. Wait up to max_wait_ms for the batch to fill only when requests are arriving
+            # in a burst (the last two came within max_wait_ms of each other): a lone request runs at once,
+            # so batching costs nothing at low load.
+            wait_s = self.settings.max_wait_ms / 1000 if self._bursty() else 0.0
+            deadline = time.perf_counter() + wait_s
             while self._queued_images(self.queue[0].key) < self.settings.max_batch:
                 left = deadline - time.perf_counter()
                 if left <= 0:
@@ -235,6 +240,9 @@ class Engine:
                         job.future.set_exception(outcome)
                     else:
                         job.future.set_result(outcome)
+
+    def _bursty(self) -> bool:
+        return self._arrival_gap_s < self.settings.max_wait_ms / 1000
 
     def _queued_images(self, key) -> int:
         return sum(len(j.seeds) for j in self.queue if j.key == key and not j.cancelled)
