@@ -235,20 +235,13 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
 
 
 def _serve_run(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
     from server.main import serve
     from server.settings import load_settings
 
     flags = {k: getattr(args, k) for k in ("models", "host", "port", "device", "default_model", "max_batch",
                                            "max_wait_ms", "queue_size", "request_timeout_s", "api_keys",
                                            "warmup", "log_level")}
-    try:
-        settings = load_settings(args.config, **flags)
-    except ValidationError as e:
-        first = e.errors()[0]
-        raise ValueError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
-    serve(settings)
+    serve(load_settings(args.config, **flags))
     return 0
 
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, InitSettingsSource, SettingsConfigDict
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, InitSettingsSource, NoDecode, SettingsConfigDict
+from pydantic_settings.exceptions import SettingsError
 
 from fewstep.paths import zoo_dir
+from fewstep.yamlfile import read_mapping
 
 
 class ServeSettings(BaseSettings):
@@ -28,7 +29,8 @@ class ServeSettings(BaseSettings):
     max_prompt_chars: int = Field(default=300, ge=1)
     max_teacher_steps: int = Field(default=100, ge=1)  # the largest step count a request may ask for
     max_body_bytes: int = Field(default=65_536, ge=1024)
-    api_keys: list[str] = Field(default_factory=list)  # non-empty: /v1 needs "Authorization: Bearer KEY"
+    # non-empty: /v1 needs "Authorization: Bearer KEY"; FEWSTEP_API_KEYS is comma-separated
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     breaker_threshold: int = Field(default=3, ge=1)  # consecutive student failures that open its circuit
     breaker_cooldown_s: float = Field(default=30.0, ge=0)
     warmup: bool = True
@@ -46,17 +48,7 @@ class ServeSettings(BaseSettings):
 
 def load_settings(config_file: str | Path | None = None, **flags: Any) -> ServeSettings:
     """Settings from (in priority order) flags, FEWSTEP_* variables, the YAML file, defaults."""
-    file_values: dict[str, Any] = {}
-    if config_file is not None:
-        path = Path(config_file)
-        if not path.is_file():
-            raise ValueError(f"--config {path}: no such file")
-        try:
-            file_values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"--config {path}: not valid YAML: {e}") from None
-        if not isinstance(file_values, dict):
-            raise ValueError(f"--config {path}: expected a mapping of settings")
+    file_values: dict[str, Any] = read_mapping(config_file) if config_file is not None else {}
     flags = {k: v for k, v in flags.items() if v is not None}
 
     class _Settings(ServeSettings):
@@ -65,4 +57,11 @@ def load_settings(config_file: str | Path | None = None, **flags: Any) -> ServeS
                                        file_secret_settings):
             return init_settings, env_settings, InitSettingsSource(settings_cls, init_kwargs=file_values)
 
-    return ServeSettings.model_validate(_Settings(**flags).model_dump())
+    try:
+        return ServeSettings.model_validate(_Settings(**flags).model_dump())
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(map(str, first["loc"]))
+        raise ValueError(f"setting {where}: {first['msg']}") from None
+    except SettingsError as e:
+        raise ValueError(str(e)) from None

@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
+from fewstep.yamlfile import read_mapping
 
 
 @dataclass(frozen=True)
@@ -95,18 +95,7 @@ def parse_sets(sets: list[str]) -> dict[str, str]:
 
 def load_config(cls: type, path: str | Path | None, sets: list[str] = ()) -> Any:
     """YAML file (optional) then --set overrides, validated against the dataclass's fields and types."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"config file not found: {path}")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: expected a mapping of config keys")
-        values.update(loaded)
+    values: dict[str, Any] = read_mapping(path) if path is not None else {}
     values.update(parse_sets(list(sets)))
     return build_config(cls, values)
 
