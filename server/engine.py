@@ -86,16 +86,23 @@ class Engine:
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
     async def start(self) -> None:
+        """Start the batcher; warm up in the background, so /healthz answers at once and /readyz says 503
+        until every model has run once (requests that arrive meanwhile queue behind the warm-up)."""
         self._wake = asyncio.Event()
+        self._task = asyncio.create_task(self._batcher(), name="fewstep-batcher")
+        self._warm_task = asyncio.create_task(self._warm(), name="fewstep-warmup")
+
+    async def _warm(self) -> None:
         if self.settings.warmup:
             await asyncio.get_running_loop().run_in_executor(self.executor, self.warmup)
         self.warmed_up = True
-        self._task = asyncio.create_task(self._batcher(), name="fewstep-batcher")
 
     async def stop(self) -> None:
         """Finish what is queued (SIGTERM drains), then stop."""
         while self.queue:
             await asyncio.sleep(0.01)
+        if not self._warm_task.done():
+            await self._warm_task
         if self._task:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -67,9 +67,9 @@ class Registry:
                 entry.error = str(e)
                 log.warning("cannot load %s: %s", sub, e)
             reg.models[card.name] = entry
-        reg._link_teachers()
-        if not reg.teachers() and not any(m.ready for m in reg.models.values()):
-            raise ValueError(f"no loadable teacher or student in {directory}")
+        if not reg.models:
+            raise ValueError(f"no teacher or student checkpoint in {directory}")
+        reg._link_teachers()  # if none of them loads, the server still starts and /readyz says why (503)
         reg.default = default or reg._pick_default()
         if reg.default not in reg.models:
             raise ValueError(f"default model {reg.default!r} is not among {sorted(reg.models)}")

@@ -130,3 +130,15 @@ def test_api_keys_protect_v1(models_dir):
         assert c.post("/v1/generate", json={"prompt": "a red 7 on black"},
                       headers={"authorization": "Bearer s3cret"}).status_code == 200
         assert c.get("/healthz").status_code == 200  # probes stay open
+
+
+def test_readyz_is_503_until_warm_up_ends(models_dir):
+    server = LiveServer(make_settings(models_dir))
+    assert server.engine.readiness() == ("unavailable", ["warming up"])  # before start: /readyz answers 503
+    with server, server.client() as c:
+        for _ in range(600):
+            r = c.get("/readyz")
+            if r.status_code == 200:
+                break
+            assert r.status_code == 503 and "warming up" in r.text
+        assert r.status_code == 200 and server.engine.warmed_up

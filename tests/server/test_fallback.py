@@ -69,3 +69,15 @@ def test_readyz_is_ready_when_everything_loads(models_dir, tmp_path):
         shutil.copytree(models_dir / name, tmp_path / name)
     with LiveServer(make_settings(tmp_path)) as server, server.client() as c:
         assert c.get("/readyz").text == "ready"
+
+
+def test_nothing_servable_starts_anyway_and_answers_503(models_dir, tmp_path):
+    import shutil
+
+    shutil.copytree(models_dir / "tiny-broken", tmp_path / "tiny-broken")
+    with LiveServer(make_settings(tmp_path, default_model=None)) as server, server.client() as c:
+        assert c.get("/healthz").status_code == 200
+        ready = c.get("/readyz")
+        assert ready.status_code == 503 and "tiny-broken" in ready.text
+        r = c.post("/v1/generate", json={"prompt": "a red 7 on black"})
+        assert r.status_code == 503 and r.headers["retry-after"] and r.json()["error"]["code"] == "model_unavailable"
