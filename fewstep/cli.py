@@ -248,6 +248,56 @@ def _serve_run(args: argparse.Namespace) -> int:
 command("serve", "serve the models over HTTP (REST + OpenAI-compatible images API)")((_serve_args, _serve_run))
 
 
+# ---- generate --------------------------------------------------------------------------------------------
+def _generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="server URL (default %(default)s)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("-n", type=int, default=1, help="images")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--model")
+    p.add_argument("--guidance", type=float)
+    p.add_argument("--format", default="png", choices=["png", "jpeg", "webp"])
+    p.add_argument("-o", "--output", default="out.png",
+                   help="file (n = 1) or stem: out.png -> out-0.png, out-1.png, ... (default %(default)s)")
+    p.add_argument("--api-key")
+    p.add_argument("--overwrite", action="store_true")
+
+
+def _generate_run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from clients.sdk import FewstepClient, FewstepError
+
+    out = Path(args.output)
+    paths = [out] if args.n == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(args.n)]
+    clash = [p for p in paths if p.exists()]
+    if clash and not args.overwrite:
+        raise ValueError(f"{clash[0]} already exists; pass --overwrite")
+    import httpx
+
+    try:
+        with FewstepClient(args.url, api_key=args.api_key) as client:
+            result = client.generate(args.prompt, steps=args.steps, n=args.n, seed=args.seed, model=args.model,
+                                     guidance=args.guidance, output_format=args.format)
+    except FewstepError as e:
+        raise ValueError(f"server said {e.status}: {e.message}") from None
+    except httpx.HTTPError as e:
+        raise ValueError(f"cannot reach {args.url}: {e}") from None
+    for path, image in zip(paths, result.images, strict=True):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(image.data)
+    fallback = f", fallback: {result.fallback_reason}" if result.fallback_reason else ""
+    print(f"wrote {', '.join(map(str, paths))}: served by {result.served_by} in {result.steps} steps{fallback}; "
+          f"{result.timings.total_ms:.1f} ms (queue {result.timings.queue_ms:.1f}, "
+          f"inference {result.timings.inference_ms:.1f}, encode {result.timings.encode_ms:.1f}); "
+          f"seeds {[im.seed for im in result.images]}")
+    return 0
+
+
+command("generate", "ask a running server for images")((_generate_args, _generate_run))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fewstep", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)

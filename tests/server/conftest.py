@@ -67,7 +67,7 @@ class LiveServer:
     def __enter__(self) -> LiveServer:
         self.thread.start()
         deadline = time.time() + 60
-        while not self.server.started:
+        while not (self.server.started and self.engine.warmed_up):  # tests start from a warm server
             if time.time() > deadline or not self.thread.is_alive():
                 raise RuntimeError("server did not start")
             time.sleep(0.02)
