@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -33,7 +34,10 @@ def training_minutes(model: TextToImage) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", action="append", required=True, help="DIR:STEPS,STEPS,...")
+    p.add_argument("--model", action="append", default=[], help="DIR:STEPS,STEPS,... (evaluated now)")
+    p.add_argument("--precomputed", action="append", default=[],
+                   help="DIR=EVAL_DIR: rows from an earlier `fewstep eval --out EVAL_DIR` of the model in DIR "
+                        "(its eval.json and samples_*steps.png), measured with the same n")
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--out", default="docs/results.md")
     p.add_argument("--grids", default="docs/img")
@@ -44,6 +48,17 @@ def main() -> int:
     grids = Path(args.grids)
     grids.mkdir(parents=True, exist_ok=True)
     rows, raw = [], []
+    for spec in args.precomputed:
+        path, _, eval_dir = spec.partition("=")
+        model = TextToImage.load(path)
+        res = json.loads((Path(eval_dir) / "eval.json").read_text())
+        if res["n"] != args.n:
+            raise SystemExit(f"{eval_dir}: measured at n = {res['n']}, this table uses n = {args.n}")
+        raw.append(res)
+        for r in res["rows"]:
+            img = grids / f"{model.name}-{r['steps']}steps.png"
+            shutil.copyfile(Path(eval_dir) / f"samples_{r['steps']}steps.png", img)
+            rows.append((model, res, r, img))
     for spec in args.model:
         path, _, steps_s = spec.rpartition(":")
         model = TextToImage.load(path)
@@ -73,7 +88,7 @@ def main() -> int:
     threads = torch.get_num_threads()
     out.write_text(
         "# Results\n\n"
-        f"`python benchmarks/quality.py {' '.join('--model ' + m for m in args.model)} --n {args.n}` "
+        f"`python benchmarks/quality.py {' '.join(sys.argv[1:])}` "
         f"on a CPU with {threads} threads; n = {args.n} images per row, judged by `zoo/digits-classifier`. "
         "FD: Fréchet distance between the classifier's features of generated and of real test images; the "
         "real floor is the same distance between two disjoint real sets of the same size.\n\n"
