@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,8 @@ from typing import Any
 import httpx
 
 RETRY_STATUSES = (429, 503)
+# small requests go out at once: without TCP_NODELAY, Nagle + delayed ACK cost ~40 ms a request
+NODELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
 
 
 class FewstepError(Exception):
@@ -100,7 +103,8 @@ class FewstepClient:
     def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, timeout: float = 60.0,
                  max_retries: int = 3, backoff_s: float = 0.5):
         headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.Client(base_url=base_url, timeout=timeout, headers=headers)
+        self._http = httpx.Client(base_url=base_url, timeout=timeout, headers=headers,
+                                  transport=httpx.HTTPTransport(socket_options=NODELAY))
         self.max_retries, self.backoff_s = max_retries, backoff_s
 
     def __enter__(self) -> FewstepClient:
@@ -142,7 +146,8 @@ class AsyncFewstepClient:
     def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, timeout: float = 60.0,
                  max_retries: int = 3, backoff_s: float = 0.5):
         headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout, headers=headers)
+        self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout, headers=headers,
+                                       transport=httpx.AsyncHTTPTransport(socket_options=NODELAY))
         self.max_retries, self.backoff_s = max_retries, backoff_s
 
     async def __aenter__(self) -> AsyncFewstepClient:
