@@ -20,7 +20,7 @@ def command(name: str, help: str):
 
 # ---- data ------------------------------------------------------------------------------------------------
 def _data_args(p: argparse.ArgumentParser) -> None:
-    pass
+    """`fewstep data` takes no arguments: the cache is FEWSTEP_CACHE or ~/.cache/fewstep."""
 
 
 def _data_run(args: argparse.Namespace) -> int:

@@ -29,7 +29,7 @@ log = logging.getLogger("fewstep.server")
 
 
 class QueueFull(Exception):
-    pass
+    """The bounded queue has no room: the HTTP layer answers 429 with Retry-After."""
 
 
 class NotServable(Exception):
