@@ -153,6 +153,10 @@ class Engine:
                              param="model", code="model_not_found", status=404)
         if steps is not None and steps > self.settings.max_teacher_steps:
             raise BadRequest(f"steps must be at most {self.settings.max_teacher_steps}", param="steps")
+        if model is None and steps is not None and entry.role == "student" and not entry.supports(steps):
+            # no model named: another student that serves this step count beats falling back to the teacher
+            entry = next((m for m in self.registry.models.values() if m.role == "student" and m.ready
+                          and m.supports(steps) and self.breaker.allow(m.name)), entry)
         reason = None
         if entry.role == "teacher":
             if not entry.ready:

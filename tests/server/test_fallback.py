@@ -81,3 +81,24 @@ def test_nothing_servable_starts_anyway_and_answers_503(models_dir, tmp_path):
         assert ready.status_code == 503 and "tiny-broken" in ready.text
         r = c.post("/v1/generate", json={"prompt": "a red 7 on black"})
         assert r.status_code == 503 and r.headers["retry-after"] and r.json()["error"]["code"] == "model_unavailable"
+
+
+def test_unnamed_requests_go_to_the_student_that_serves_their_steps(models_dir, tmp_path):
+    import json
+    import shutil
+
+    for name in ("tiny-teacher", "tiny-student"):
+        shutil.copytree(models_dir / name, tmp_path / name)
+    shutil.copytree(models_dir / "tiny-student", tmp_path / "tiny-one")
+    card = json.loads((tmp_path / "tiny-one" / "card.json").read_text())
+    card["name"] = "tiny-one"
+    card["sampling"]["timesteps"] = {"1": [1.0, 0.0]}
+    (tmp_path / "tiny-one" / "card.json").write_text(json.dumps(card))
+    with LiveServer(make_settings(tmp_path, default_model="tiny-one")) as server, server.client() as c:
+        assert (_gen(c)["served_by"], _gen(c)["fallback_reason"]) == ("tiny-one", None)
+        body = _gen(c, steps=4)  # tiny-one lacks 4 steps; tiny-student has them
+        assert (body["served_by"], body["steps"], body["fallback_reason"]) == ("tiny-student", 4, None)
+        body = _gen(c, model="tiny-one", steps=4)  # a named model is honoured: its teacher answers
+        assert (body["served_by"], body["fallback_reason"]) == ("tiny-teacher", "steps_unsupported")
+        body = _gen(c, steps=8)  # no student has 8 steps
+        assert (body["served_by"], body["fallback_reason"]) == ("tiny-teacher", "steps_unsupported")
