@@ -52,7 +52,7 @@ class Server:
             try:
                 if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
                     return self
-            except httpx.HTTPError:
+            except httpx.HTTPError:  # not listening yet: poll again
                 pass
             time.sleep(0.2)
         raise RuntimeError("server did not become ready")

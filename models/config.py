@@ -7,7 +7,7 @@ several recipes.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 
@@ -80,13 +80,14 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        return _from_dict(cls, d)
+        return config_from_dict(cls, d)
 
     def with_overrides(self, **changes: Any) -> ModelConfig:
         return replace(self, **changes)
 
 
-def _from_dict(cls: type, d: dict[str, Any] | None) -> Any:
+def config_from_dict(cls: type, d: dict[str, Any] | None) -> Any:
+    """A (nested) frozen config from its dict form; unknown fields are an error."""
     if d is None:
         return None
     known = {f.name: f for f in fields(cls)}
@@ -97,7 +98,7 @@ def _from_dict(cls: type, d: dict[str, Any] | None) -> Any:
     for name, value in d.items():
         sub = _NESTED.get((cls.__name__, name))
         if sub is not None:
-            kwargs[name] = _from_dict(sub, value)
+            kwargs[name] = config_from_dict(sub, value)
         elif isinstance(value, list):
             kwargs[name] = tuple(value)
         else:
@@ -148,7 +149,3 @@ def get_variant(name: str) -> ModelConfig:
         return VARIANTS[name]
     except KeyError:
         raise ValueError(f"unknown model variant {name!r}; known: {sorted(VARIANTS)}") from None
-
-
-def is_config(obj: Any) -> bool:
-    return is_dataclass(obj) and not isinstance(obj, type)

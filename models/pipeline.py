@@ -15,8 +15,8 @@ from pydantic import ValidationError
 from torch import nn
 
 from models.autoencoder import Autoencoder
-from models.checkpoint import Card, CheckpointError, Sampling, read_card, save_checkpoint, sha256_file, verify_file
-from models.config import AutoencoderConfig, ModelConfig
+from models.checkpoint import Card, CheckpointError, Sampling, read_card, save_checkpoint, verify_file
+from models.config import AutoencoderConfig, ModelConfig, config_from_dict
 from models.flow import consistency_function
 from models.flow import timesteps as make_timesteps
 from models.mmdit import MMDiT
@@ -36,18 +36,12 @@ def load_autoencoder(directory: str | Path, device: str | torch.device = "cpu") 
     if card.role != "autoencoder":
         raise CheckpointError(f"{Path(directory) / 'card.json'}: role is {card.role!r}, expected 'autoencoder'")
     try:
-        cfg = _build(AutoencoderConfig, card.model)
+        cfg = config_from_dict(AutoencoderConfig, card.model)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{Path(directory) / 'card.json'}: model: {e}") from None
     ae = Autoencoder(cfg)
     load_weights(directory, card, AUTOENCODER, ae)
     return ae.to(device).eval().requires_grad_(False)
-
-
-def _build(cls: type, d: dict[str, Any]) -> Any:
-    from models.config import _from_dict
-
-    return _from_dict(cls, d)
 
 
 @dataclass
@@ -216,7 +210,3 @@ class TextToImage:
         if self.card is None:
             raise ValueError("the model has not been saved or loaded")
         return self.card.files[TRANSFORMER].sha256
-
-
-def transformer_sha(directory: str | Path) -> str:
-    return sha256_file(Path(directory) / TRANSFORMER)

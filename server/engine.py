@@ -81,7 +81,6 @@ class Engine:
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self.warmed_up = False
-        self.warmup_errors: dict[str, str] = {}
         self._last_arrival, self._arrival_gap_s = float("-inf"), float("inf")
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
@@ -122,7 +121,6 @@ class Engine:
                         raise RuntimeError("non-finite output")
             except Exception as e:  # a student that cannot run is served by its teacher
                 log.warning("warm-up of %s failed: %s", m.name, e)
-                self.warmup_errors[m.name] = f"warm-up failed: {e}"
                 if m.role == "student":
                     m.error = f"warm-up failed: {e}"
 

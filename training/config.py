@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +103,3 @@ def load_config(cls: type, path: str | Path | None, sets: list[str] = ()) -> Any
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
-
-def with_changes(cfg: Any, **changes: Any) -> Any:
-    return replace(cfg, **changes)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -125,5 +125,3 @@ def write_results(results: dict, out: Path) -> tuple[Path, Path]:
     m.write_text(f"# Evaluation of {results['model']}\n\n" + markdown_table([results]))
     return j, m
 
-
-__all__ = ["EvalPrompts", "eval_prompts", "evaluate", "frechet_distance", "markdown_table", "write_results", "asdict"]

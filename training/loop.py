@@ -16,7 +16,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -55,7 +55,6 @@ class RunInfo:
     step: int = 0
     seconds: float = 0.0  # training time summed over resumes
     images: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def resolve_device(name: str, rank: int = 0) -> torch.device:

@@ -47,7 +47,7 @@ def test_fewstep_serve_serves_then_drains_on_sigterm(models_dir):
             try:
                 if httpx.get(url + "/readyz", timeout=1).status_code == 200:
                     break
-            except httpx.HTTPError:
+            except httpx.HTTPError:  # not listening yet: poll again
                 pass
             assert time.time() < deadline, "server did not become ready"
             time.sleep(0.2)
