@@ -109,6 +109,19 @@ def _model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="checkpoint directory (default: zoo/digits-teacher)")
 
 
+def _kernels_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kernels", choices=["auto", "triton", "torch"],
+                   help="attention/norm/modulation kernels: auto = Triton on CUDA, PyTorch elsewhere "
+                        "(default: FEWSTEP_KERNELS, else auto)")
+
+
+def _kernel_mode(args: argparse.Namespace) -> str:
+    """The --kernels flag, else FEWSTEP_KERNELS, else auto: parsed here once and passed to the model."""
+    from kernels.runtime import mode_from_env, parse_mode
+
+    return parse_mode(args.kernels, "--kernels") if args.kernels else mode_from_env()
+
+
 def _resolve_model(path: str | None):
     from fewstep.paths import zoo_dir
 
@@ -124,6 +137,7 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    _kernels_arg(p)
     p.add_argument("--overwrite", action="store_true", help="replace PNGs already in --out")
 
 
@@ -147,7 +161,7 @@ def _sample_run(args: argparse.Namespace) -> int:
     clash = [out / f"{i:06d}.png" for i in range(len(prompts)) if (out / f"{i:06d}.png").exists()]
     if clash and not args.overwrite:
         raise ValueError(f"{clash[0]} already exists ({len(clash)} files would be replaced); pass --overwrite")
-    model = TextToImage.load(_resolve_model(args.model), resolve_device(args.device))
+    model = TextToImage.load(_resolve_model(args.model), resolve_device(args.device), _kernel_mode(args))
     steps = model.sampling.default_steps if args.steps is None else args.steps
     if not model.supports(steps):
         raise ValueError(f"{model.name} supports steps {model.sampling.supported_steps()}, not {steps}")
@@ -179,6 +193,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="directory for eval.json, eval.md and sample grids (default: runs/eval/NAME)")
     p.add_argument("--data", default="digits", help="digits, or synthetic for smoke tests")
     p.add_argument("--device", default="auto")
+    _kernels_arg(p)
 
 
 def _eval_run(args: argparse.Namespace) -> int:
@@ -193,7 +208,7 @@ def _eval_run(args: argparse.Namespace) -> int:
 
     if args.n < 2:
         raise ValueError("--n must be at least 2 (a Fréchet distance needs a covariance)")
-    model = TextToImage.load(_resolve_model(args.model), resolve_device(args.device))
+    model = TextToImage.load(_resolve_model(args.model), resolve_device(args.device), _kernel_mode(args))
     try:
         steps = [int(s) for s in args.steps.split(",")] if args.steps else [model.sampling.default_steps]
     except ValueError:
@@ -223,6 +238,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default 8000)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    _kernels_arg(p)
     p.add_argument("--config", help="YAML file of settings (see docs/api.md); flags and FEWSTEP_* override it")
     p.add_argument("--default-model", help="model for requests that name none")
     p.add_argument("--max-batch", type=int)
@@ -240,7 +256,7 @@ def _serve_run(args: argparse.Namespace) -> int:
 
     flags = {k: getattr(args, k) for k in ("models", "host", "port", "device", "default_model", "max_batch",
                                            "max_wait_ms", "queue_size", "request_timeout_s", "api_keys",
-                                           "warmup", "log_level")}
+                                           "warmup", "log_level", "kernels")}
     serve(load_settings(args.config, **flags))
     return 0
 

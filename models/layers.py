@@ -80,6 +80,8 @@ class StreamAttention(nn.Module):
 class DoubleStreamBlock(nn.Module):
     """Text and image keep their own weights; one joint attention over cat(text, image)."""
 
+    kernels = "torch"  # the ops backend, set by MMDiT.set_kernels
+
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, eps: float):
         super().__init__()
         self.num_heads, self.eps = num_heads, eps
@@ -90,28 +92,31 @@ class DoubleStreamBlock(nn.Module):
 
     def forward(self, img, txt, vec, cos, sin, key_mask):
         # img: (B, Li, C), txt: (B, Lt, C), vec: (B, C)
+        kb = self.kernels
         img_mod1, img_mod2 = self.img_mod(vec)
         txt_mod1, txt_mod2 = self.txt_mod(vec)
-        img_qkv = self.img_attn.qkv(ops.modulate(img, img_mod1.shift, img_mod1.scale))  # (B, Li, 3C)
-        txt_qkv = self.txt_attn.qkv(ops.modulate(txt, txt_mod1.shift, txt_mod1.scale))  # (B, Lt, 3C)
+        img_qkv = self.img_attn.qkv(ops.modulate(img, img_mod1.shift, img_mod1.scale, kb))  # (B, Li, 3C)
+        txt_qkv = self.txt_attn.qkv(ops.modulate(txt, txt_mod1.shift, txt_mod1.scale, kb))  # (B, Lt, 3C)
         n_txt = txt.shape[1]
         q, k, v = ops.qk_norm_rope(
             torch.cat([txt_qkv, img_qkv], dim=1), cos, sin,
             self.img_attn.norm.q_scale, self.img_attn.norm.k_scale, self.num_heads, self.eps,
-            n_txt, self.txt_attn.norm.q_scale, self.txt_attn.norm.k_scale,
+            n_txt, self.txt_attn.norm.q_scale, self.txt_attn.norm.k_scale, backend=kb,
         )  # (B, H, Lt + Li, D)
-        attn = ops.attention(q, k, v, key_mask)  # (B, Lt + Li, C)
+        attn = ops.attention(q, k, v, key_mask, kb)  # (B, Lt + Li, C)
         txt_out, img_out = attn[:, :n_txt], attn[:, n_txt:]
 
         img = img + img_mod1.gate * self.img_attn.proj(img_out)
-        img = img + img_mod2.gate * self.img_mlp(ops.modulate(img, img_mod2.shift, img_mod2.scale))
+        img = img + img_mod2.gate * self.img_mlp(ops.modulate(img, img_mod2.shift, img_mod2.scale, kb))
         txt = txt + txt_mod1.gate * self.txt_attn.proj(txt_out)
-        txt = txt + txt_mod2.gate * self.txt_mlp(ops.modulate(txt, txt_mod2.shift, txt_mod2.scale))
+        txt = txt + txt_mod2.gate * self.txt_mlp(ops.modulate(txt, txt_mod2.shift, txt_mod2.scale, kb))
         return img, txt
 
 
 class SingleStreamBlock(nn.Module):
     """One linear makes qkv and the MLP input; one linear maps cat(attention, gelu(mlp)) back (Flux)."""
+
+    kernels = "torch"
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, eps: float):
         super().__init__()
@@ -124,16 +129,21 @@ class SingleStreamBlock(nn.Module):
 
     def forward(self, x, vec, cos, sin, key_mask):
         # x: (B, L, C) = cat(text, image)
+        kb = self.kernels
         mod, _ = self.modulation(vec)
-        qkv, mlp = self.linear1(ops.modulate(x, mod.shift, mod.scale)).split([3 * self.dim, self.mlp_hidden], -1)
-        q, k, v = ops.qk_norm_rope(qkv, cos, sin, self.norm.q_scale, self.norm.k_scale, self.num_heads, self.eps)
-        attn = ops.attention(q, k, v, key_mask)  # (B, L, C)
+        modulated = ops.modulate(x, mod.shift, mod.scale, kb)
+        qkv, mlp = self.linear1(modulated).split([3 * self.dim, self.mlp_hidden], -1)  # qkv: a strided view
+        q, k, v = ops.qk_norm_rope(qkv, cos, sin, self.norm.q_scale, self.norm.k_scale, self.num_heads, self.eps,
+                                   backend=kb)
+        attn = ops.attention(q, k, v, key_mask, kb)  # (B, L, C)
         out = self.linear2(torch.cat([attn, nn.functional.gelu(mlp, approximate="tanh")], dim=-1))
         return x + mod.gate * out
 
 
 class LastLayer(nn.Module):
     """adaLN then a linear to patch pixels; zero-initialised so the untrained model predicts v = 0."""
+
+    kernels = "torch"
 
     def __init__(self, dim: int, out_dim: int):
         super().__init__()
@@ -145,4 +155,4 @@ class LastLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(vec)[:, None, :].chunk(2, dim=-1)
-        return self.linear(ops.modulate(x, shift, scale))
+        return self.linear(ops.modulate(x, shift, scale, self.kernels))

@@ -35,6 +35,20 @@ class MMDiT(nn.Module):
         self.final_layer = LastLayer(dim, p * p * cfg.in_channels)
         self._rope_cache: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
+    @property
+    def kernels(self) -> str:
+        return self.final_layer.kernels
+
+    def set_kernels(self, backend: str) -> MMDiT:
+        """Route every block's attention, QK-norm+RoPE and modulation to "torch" or "triton" (resolved by
+        kernels.runtime.resolve; the Triton path serves inference, autograd always takes the references)."""
+        if backend not in ("torch", "triton"):
+            raise ValueError(f"kernel backend must be 'torch' or 'triton', got {backend!r}")
+        for m in self.modules():
+            if isinstance(m, (DoubleStreamBlock, SingleStreamBlock, LastLayer)):
+                m.kernels = backend
+        return self
+
     def _rope(self, n_txt: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         key = (n_txt, device)
         if key not in self._rope_cache:

@@ -52,6 +52,7 @@ class TextToImage:
     transformer: MMDiT
     autoencoder: Autoencoder | None
     card: Card | None = None
+    kernel_mode: str = "torch"  # "auto" | "triton" | "torch" (kernels.runtime); re-resolved by to()
 
     @classmethod
     def build(cls, config: ModelConfig, tokenizer: Tokenizer, autoencoder: Autoencoder | None = None) -> TextToImage:
@@ -97,7 +98,23 @@ class TextToImage:
     def to(self, device: str | torch.device) -> TextToImage:
         for m in self.modules().values():
             m.to(device).eval().requires_grad_(False)
+        return self.use_kernels(self.kernel_mode)
+
+    def use_kernels(self, mode: str) -> TextToImage:
+        """Pick the kernel backend for this model's device: "auto" = Triton on CUDA, PyTorch elsewhere.
+
+        Raises kernels.runtime.KernelError when a forced "triton" cannot run here.
+        """
+        from kernels.runtime import resolve
+
+        self.transformer.set_kernels(resolve(mode, self.device))
+        self.kernel_mode = mode
         return self
+
+    @property
+    def kernels(self) -> str:
+        """The backend in use: "torch" or "triton"."""
+        return self.transformer.kernels
 
     # ---- sampling ---------------------------------------------------------------------------------------
     def grid(self, steps: int) -> list[float]:
@@ -178,7 +195,8 @@ class TextToImage:
         return self.card
 
     @classmethod
-    def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> TextToImage:
+    def load(cls, directory: str | Path, device: str | torch.device = "cpu", kernels: str = "auto") -> TextToImage:
+        """kernels: "auto" (Triton on CUDA, PyTorch elsewhere), "triton" or "torch"."""
         from models.checkpoint import load_weights
 
         directory = Path(directory)
@@ -200,7 +218,7 @@ class TextToImage:
             model = cls.build(config, tokenizer)
         except ValueError as e:
             raise CheckpointError(f"{directory / 'card.json'}: {e}") from None
-        model.card = card
+        model.card, model.kernel_mode = card, kernels
         for name, module in model.modules().items():
             load_weights(directory, card, name, module)
         return model.to(device)

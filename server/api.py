@@ -86,13 +86,19 @@ def create_app(settings: ServeSettings, registry: Registry | None = None) -> Fas
 
         torch.set_num_threads(settings.threads)
     if registry is None:
-        registry = Registry.scan(settings.models, resolve_device(settings.device), settings.default_model)
+        from kernels.runtime import resolve
+
+        device = resolve_device(settings.device)
+        resolve(settings.kernels, device)  # a forced "triton" that cannot run here fails now, naming why
+        registry = Registry.scan(settings.models, device, settings.default_model, settings.kernels)
     engine = Engine(registry, settings, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await engine.start()
-        log.info("serving %s (default %s)", sorted(registry.models), registry.default)
+        kernels = sorted({e.model.kernels for e in registry.models.values() if e.model is not None})
+        log.info("serving %s (default %s; kernels %s)", sorted(registry.models), registry.default,
+                 "/".join(kernels) or "none")
         yield
         await engine.stop()
 

@@ -45,7 +45,8 @@ class Registry:
     default: str | None = None
 
     @classmethod
-    def scan(cls, directory: Path, device: torch.device, default: str | None = None) -> Registry:
+    def scan(cls, directory: Path, device: torch.device, default: str | None = None,
+             kernels: str = "auto") -> Registry:
         if not directory.is_dir():
             raise ValueError(f"models directory {directory} does not exist")
         reg = cls()
@@ -62,7 +63,7 @@ class Registry:
                 continue
             entry = ServedModel(card.name, card.role, sub, card=card)
             try:
-                entry.model = TextToImage.load(sub, device)
+                entry.model = TextToImage.load(sub, device, kernels)
             except CheckpointError as e:
                 entry.error = str(e)
                 log.warning("cannot load %s: %s", sub, e)

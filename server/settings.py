@@ -20,6 +20,7 @@ class ServeSettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    kernels: Literal["auto", "triton", "torch"] = "auto"  # FEWSTEP_KERNELS; auto = Triton on CUDA (kernels/)
     default_model: str | None = None  # default: the student serving the fewest steps, else the teacher
     max_batch: int = Field(default=8, ge=1, le=256)  # images per batch
     max_wait_ms: float = Field(default=5.0, ge=0)  # how long the batcher waits to fill a batch

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
-import pytest
-import torch
+# The kernel tests run Triton on CPU tensors through its interpreter, which must be switched on before Triton
+# is first imported; it changes nothing for tests that never launch a Triton kernel.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from training.config import TrainConfig
 from training.loop import train
