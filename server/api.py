@@ -15,10 +15,11 @@ import re
 import time
 import uuid
 from contextlib import asynccontextmanager
+from importlib.resources import files
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -31,6 +32,7 @@ from server.protocol import QUALITY_STEPS, GenerateRequest, GenerateResponse, Im
 from server.registry import Registry
 from server.settings import ServeSettings
 
+PLAYGROUND = files("server").joinpath("static/playground.html").read_text(encoding="utf-8")
 log = logging.getLogger("fewstep.server")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -130,6 +132,11 @@ def create_app(settings: ServeSettings, registry: Registry | None = None) -> Fas
     # would hide client disconnects from the handlers)
 
     # ---- routes ----------------------------------------------------------------------------------------
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def playground():
+        """The browser playground: plain HTML + JS calling POST /v1/generate (server/static/playground.html)."""
+        return HTMLResponse(PLAYGROUND)
+
     @app.get("/healthz", response_class=PlainTextResponse)
     async def healthz():
         return "ok"

