@@ -150,7 +150,13 @@ def random_colors(n: int, generator: torch.Generator) -> tuple[torch.Tensor, tor
 
 
 def sample_batch(digits: Digits, batch_size: int, generator: torch.Generator) -> Batch:
-    """Draw a batch with random digits, colors and phrasings. Deterministic given the generator."""
+    """Draw a batch with random digits, colors and phrasings. Deterministic given the generator.
+
+    Folder data (training/folder.py) is drawn uniformly, with its own captions."""
+    from training.folder import CaptionedImages, sample_captioned
+
+    if isinstance(digits, CaptionedImages):
+        return sample_captioned(digits, batch_size, generator)
     idx = torch.randint(0, len(digits), (batch_size,), generator=generator)
     fg, bg = random_colors(batch_size, generator)
     templates = torch.randint(0, len(TEMPLATES), (batch_size,), generator=generator)
@@ -184,10 +190,25 @@ def synthetic_digits(n: int = 512, seed: int = 0) -> Digits:
     return Digits((images * 255).round().to(torch.uint8), labels)
 
 
-def load_data(name: str, split: str = "train") -> Digits:
-    """The benchmark's digits by config name: ``digits`` (MNIST) or ``synthetic`` (tests)."""
+def load_data(name: str, split: str = "train", image_size: int = 32):
+    """Data by config name: ``digits`` (MNIST), ``synthetic`` (tests) or ``folder:PATH`` (your own captioned
+    images, training/folder.py; resized to image_size)."""
+    if name.startswith("folder:"):
+        from training.folder import load_folder
+
+        return load_folder(name.removeprefix("folder:"), split, image_size)
     if name == "digits":
         return load_digits(split)
     if name == "synthetic":
         return synthetic_digits(512 if split == "train" else 128, seed={"train": 0, "valid": 1, "test": 2}[split])
-    raise ValueError(f"unknown data {name!r} (digits or synthetic)")
+    raise ValueError(f"unknown data {name!r} (digits, synthetic or folder:PATH)")
+
+
+def vocabulary(data) -> list[str]:
+    """The tokenizer's words: the benchmark's caption words, or every word of a folder's captions."""
+    from models.text import Tokenizer
+    from training.folder import CaptionedImages
+
+    if isinstance(data, CaptionedImages):
+        return sorted({w for c in data.captions for w in Tokenizer.words(c)})
+    return caption_vocabulary()

@@ -7,6 +7,7 @@ guidance (Ho & Salimans 2022).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from models.mmdit import MMDiT
 from models.pipeline import TextToImage, load_autoencoder
 from models.text import TextEncoder, Tokenizer
 from training.config import TrainConfig
-from training.data import caption_vocabulary, load_data, sample_batch
+from training.data import load_data, sample_batch, vocabulary
 
 
 class FlowMatchingLoss(nn.Module):
@@ -53,9 +54,11 @@ class TeacherRecipe:
                 )
             autoencoder = load_autoencoder(cfg.autoencoder)
             config = config.with_overrides(autoencoder=autoencoder.cfg)
-        self.tokenizer = Tokenizer(caption_vocabulary(), config.text.max_length)
+        self.data = load_data(cfg.data, "train", config.image_size)
+        self.tokenizer = Tokenizer(vocabulary(self.data), config.text.max_length)
+        if len(self.tokenizer) > config.text.vocab_size:  # your own captions: grow the embedding to fit
+            config = config.with_overrides(text=replace(config.text, vocab_size=len(self.tokenizer)))
         self.model = TextToImage.build(config, self.tokenizer, autoencoder)
-        self.data = load_data(cfg.data, "train")
         self.module = FlowMatchingLoss(self.model.text_encoder, self.model.transformer)
 
     def make_batch(self, step: int, generator: torch.Generator) -> dict[str, Any]:
@@ -92,7 +95,8 @@ class TeacherRecipe:
             },
             "training": {"method": "rectified-flow", **{k: v for k, v in info.items() if k != "config"},
                          "hyperparameters": info["config"]},
-            "data": {"name": cfg.data, "split": "train", "captions": "training/data.py TEMPLATES"},
+            "data": {"name": cfg.data, "split": "train", "images": len(self.data),
+                     "captions": "training/data.py TEMPLATES" if cfg.data in ("digits", "synthetic") else "folder"},
         }
         model.save(out_dir, card, dtype=cfg.export_dtype, overwrite=True)
         print(f"teacher exported to {out_dir}")
