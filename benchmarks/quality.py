@@ -43,6 +43,7 @@ def main() -> int:
     p.add_argument("--grids", default="docs/img")
     p.add_argument("--classifier", default=str(zoo_dir() / "digits-classifier"))
     p.add_argument("--json", help="also write the raw results here")
+    p.add_argument("--notes", help="a Markdown file placed between the table and the samples (what the rows mean)")
     args = p.parse_args()
     classifier = load_classifier(args.classifier)
     grids = Path(args.grids)
@@ -92,7 +93,8 @@ def main() -> int:
         f"on a CPU with {threads} threads; n = {args.n} images per row, judged by `zoo/digits-classifier`. "
         "FD: Fréchet distance between the classifier's features of generated and of real test images; the "
         "real floor is the same distance between two disjoint real sets of the same size.\n\n"
-        + "\n".join(lines) + "\n\n## Samples\n\n" + samples
+        + "\n".join(lines) + "\n\n" + (Path(args.notes).read_text().strip() + "\n\n" if args.notes else "")
+        + "## Samples\n\n" + samples
     )
     if args.json:
         Path(args.json).write_text(json.dumps(raw, indent=2))
