@@ -152,9 +152,9 @@ class Engine:
         if steps is not None and steps > self.settings.max_teacher_steps:
             raise BadRequest(f"steps must be at most {self.settings.max_teacher_steps}", param="steps")
         if model is None and steps is not None and entry.role == "student" and not entry.supports(steps):
-            # no model named: another student that serves this step count beats falling back to the teacher
-            entry = next((m for m in self.registry.models.values() if m.role == "student" and m.ready
-                          and m.supports(steps) and self.breaker.allow(m.name)), entry)
+            # no model named: another student that serves this step count beats falling back to the teacher;
+            # among several, the one with the best measured quality there (its card's eval rows)
+            entry = self.registry.best_student_for(steps, self.breaker.allow) or entry
         reason = None
         if entry.role == "teacher":
             if not entry.ready:

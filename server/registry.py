@@ -38,6 +38,13 @@ class ServedModel:
     def supports(self, steps: int) -> bool:
         return self.model.supports(steps) if self.model is not None else False
 
+    def measured_fd(self, steps: int) -> float:
+        """The Fréchet distance its card records at ``steps`` (``fewstep eval`` rows), inf when unmeasured."""
+        metrics = (self.card.metrics or {}) if self.card else {}
+        rows = metrics.get("rows", []) if isinstance(metrics, dict) else []
+        fds = [r.get("fd") for r in rows if isinstance(r, dict) and r.get("steps") == steps]
+        return float(fds[0]) if fds and isinstance(fds[0], (int, float)) else float("inf")
+
 
 @dataclass
 class Registry:
@@ -99,6 +106,12 @@ class Registry:
                 m.teacher = ref.name
             elif len(teachers) == 1:
                 m.teacher = teachers[0].name
+
+    def best_student_for(self, steps: int, allow=lambda name: True) -> ServedModel | None:
+        """Among ready students that serve ``steps``, the one whose card records the lowest FD there."""
+        fit = [m for m in self.models.values() if m.role == "student" and m.ready and m.supports(steps)
+               and allow(m.name)]
+        return min(fit, key=lambda m: (m.measured_fd(steps), m.name)) if fit else None
 
     def _pick_default(self) -> str:
         students = [m for m in self.models.values() if m.role == "student" and m.supported_steps()]

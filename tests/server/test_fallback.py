@@ -94,6 +94,13 @@ def test_unnamed_requests_go_to_the_student_that_serves_their_steps(models_dir, 
     card["name"] = "tiny-one"
     card["sampling"]["timesteps"] = {"1": [1.0, 0.0]}
     (tmp_path / "tiny-one" / "card.json").write_text(json.dumps(card))
+    # two students serve 4 steps: the one whose card records the better FD there wins, not the first by name
+    shutil.copytree(models_dir / "tiny-student", tmp_path / "tiny-a-worse")
+    for name, fd in (("tiny-a-worse", 500.0), ("tiny-student", 100.0)):
+        card = json.loads((tmp_path / name / "card.json").read_text())
+        card["name"] = name
+        card["metrics"] = {"rows": [{"steps": 4, "fd": fd}]}
+        (tmp_path / name / "card.json").write_text(json.dumps(card))
     with LiveServer(make_settings(tmp_path, default_model="tiny-one")) as server, server.client() as c:
         assert (_gen(c)["served_by"], _gen(c)["fallback_reason"]) == ("tiny-one", None)
         body = _gen(c, steps=4)  # tiny-one lacks 4 steps; tiny-student has them
