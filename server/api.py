@@ -25,8 +25,8 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from models.images import encode, to_pil
-from server.engine import BadRequest, Engine, Job, NotServable, QueueFull, Result
+from models.images import encode
+from server.engine import BadRequest, Engine, Job, NotServable, QueueFull, Result, device_executor
 from server.metrics import Metrics
 from server.protocol import QUALITY_STEPS, GenerateRequest, GenerateResponse, ImagesRequest
 from server.registry import Registry
@@ -87,13 +87,15 @@ def create_app(settings: ServeSettings, registry: Registry | None = None) -> Fas
         import torch
 
         torch.set_num_threads(settings.threads)
+    executor = device_executor()  # models load on the thread that will run them (see device_executor)
     if registry is None:
         from kernels.runtime import resolve
 
         device = resolve_device(settings.device)
         resolve(settings.kernels, device)  # a forced "triton" that cannot run here fails now, naming why
-        registry = Registry.scan(settings.models, device, settings.default_model, settings.kernels)
-    engine = Engine(registry, settings, metrics)
+        registry = executor.submit(Registry.scan, settings.models, device, settings.default_model,
+                                   settings.kernels).result()
+    engine = Engine(registry, settings, metrics, executor)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -232,7 +234,7 @@ def create_app(settings: ServeSettings, registry: Registry | None = None) -> Fas
             result = await _await_job(request, job)
             t0 = time.perf_counter()
             quality = 95 if compression is None else compression
-            encoded = await asyncio.to_thread(lambda: [encode(im, fmt, quality) for im in to_pil(result.images)])
+            encoded = await asyncio.to_thread(lambda: [encode(im, fmt, quality) for im in result.images])
             status = "200"
             return result, encoded, {"encode_ms": 1000 * (time.perf_counter() - t0), "start": start}
         except APIError as e:
