@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from server.metrics import Metrics
+from tests.server.conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -94,14 +95,6 @@ def test_install_step_builds_a_wheel_with_everything_the_image_runs(tmp_path):
         assert needed in names, needed
     assert "fewstep = fewstep.cli:main" in zipfile.ZipFile(wheel).read(
         next(n for n in names if n.endswith("entry_points.txt"))).decode()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

