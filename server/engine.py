@@ -79,8 +79,8 @@ def device_executor() -> ThreadPoolExecutor:
 
     One thread, not just one at a time: on a CPU each thread that enters a parallel torch op gets its own
     OpenMP team, and a second team (say, the main thread's, from loading the models there) competes with
-    the serving thread's for the same cores. Measured on 2 cores with the 1-step student: 28.8 ms per
-    batch-1 call when the models were loaded on the main thread, 12.8 ms when loaded on this one.
+    the serving thread's for the same cores (docs/performance.md: HTTP/in-process 2.07× before, 1.00-1.65×
+    after, by benchmarks/serve.py).
     """
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="fewstep-device")
 
