@@ -16,7 +16,7 @@ LABEL org.opencontainers.image.title="fewstep" \
 
 # settings are FEWSTEP_* variables (docs/api.md); models are read from /models (mount your own there)
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
-    FEWSTEP_HOST=0.0.0.0 FEWSTEP_PORT=8000 FEWSTEP_MODELS=/models FEWSTEP_ZOO=/models \
+    FEWSTEP_HOST=0.0.0.0 FEWSTEP_PORT=8000 FEWSTEP_MODELS=/models \
     FEWSTEP_DEVICE=auto FEWSTEP_KERNELS=auto
 
 WORKDIR /app
@@ -36,5 +36,5 @@ USER 10001:10001
 
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
-  CMD ["python", "-m", "server.healthcheck"]
+  CMD ["python", "-m", "fewstep.server.healthcheck"]
 ENTRYPOINT ["fewstep", "serve"]

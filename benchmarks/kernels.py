@@ -26,14 +26,11 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from kernels.attention import attention_ref  # noqa: E402
-from kernels.modulation import adaln_modulate_ref  # noqa: E402
-from kernels.qk_norm_rope import qk_norm_rope_ref  # noqa: E402
-from kernels.runtime import interpreting  # noqa: E402
-from models.rope import position_ids, rope_tables  # noqa: E402
+from fewstep.kernels.attention import attention_ref
+from fewstep.kernels.modulation import adaln_modulate_ref
+from fewstep.kernels.qk_norm_rope import qk_norm_rope_ref
+from fewstep.kernels.runtime import interpreting
+from fewstep.models.rope import position_ids, rope_tables
 
 
 @dataclass(frozen=True)
@@ -86,9 +83,9 @@ def run(shapes: list[Shape], device: torch.device, smoke: bool) -> list[dict]:
 def bench_shape(s: Shape, device: torch.device, smoke: bool) -> list[dict]:
     from torch.nn.attention import sdpa_kernel
 
-    from kernels.attention_triton import attention_triton
-    from kernels.modulation_triton import adaln_modulate_triton
-    from kernels.qk_norm_rope_triton import qk_norm_rope_triton
+    from fewstep.kernels.attention_triton import attention_triton
+    from fewstep.kernels.modulation_triton import adaln_modulate_triton
+    from fewstep.kernels.qk_norm_rope_triton import qk_norm_rope_triton
 
     rows: list[dict] = []
     g = torch.Generator(device="cpu").manual_seed(0)

@@ -17,13 +17,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from fewstep.paths import zoo_dir  # noqa: E402
-from models.images import grid  # noqa: E402
-from models.pipeline import TextToImage  # noqa: E402
-from training.classifier import load_classifier  # noqa: E402
-from training.evaluate import eval_prompts, evaluate  # noqa: E402
+from fewstep.models.images import grid
+from fewstep.models.pipeline import TextToImage
+from fewstep.training.classifier import load_classifier
+from fewstep.training.evaluate import eval_prompts, evaluate
 
 
 def training_minutes(model: TextToImage) -> str:
@@ -41,7 +38,7 @@ def main() -> int:
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--out", default="docs/results.md")
     p.add_argument("--grids", default="docs/img")
-    p.add_argument("--classifier", default=str(zoo_dir() / "digits-classifier"))
+    p.add_argument("--classifier", default="zoo/digits-classifier")
     p.add_argument("--json", help="also write the raw results here")
     p.add_argument("--notes", help="a Markdown file placed between the table and the samples (what the rows mean)")
     args = p.parse_args()

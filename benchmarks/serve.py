@@ -25,7 +25,6 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 
 def free_port() -> int:
@@ -107,8 +106,8 @@ def throughput(url: str, payload: dict, clients: int, total: int) -> float:
 
 
 def in_process_ms(model_dir: Path, steps: int, n: int) -> list[float]:
-    from models.images import encode, to_pil
-    from models.pipeline import TextToImage
+    from fewstep.models.images import encode, to_pil
+    from fewstep.models.pipeline import TextToImage
 
     model = TextToImage.load(model_dir)
     model.generate(["warm up"], [0], steps=steps)
@@ -122,7 +121,7 @@ def in_process_ms(model_dir: Path, steps: int, n: int) -> list[float]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default=str(ROOT / "zoo"))
+    p.add_argument("--models", default="zoo")
     p.add_argument("--requests", type=int, default=40, help="sequential requests per latency row")
     p.add_argument("--total", type=int, default=256, help="requests per throughput row")
     p.add_argument("--out", default=str(ROOT / "docs" / "performance.md"))

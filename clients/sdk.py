@@ -1,6 +1,6 @@
 """Python SDK for the fewstep server: FewstepClient (sync) and AsyncFewstepClient (asyncio), over httpx.
 
-    from clients.sdk import FewstepClient
+    from fewstep.clients.sdk import FewstepClient
     with FewstepClient("http://127.0.0.1:8000") as client:
         result = client.generate("a red 7 on black", steps=1, seed=0)
         result.images[0].pil().save("seven.png")

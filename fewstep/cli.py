@@ -24,7 +24,7 @@ def _data_args(p: argparse.ArgumentParser) -> None:
 
 
 def _data_run(args: argparse.Namespace) -> int:
-    from training.data import ensure_mnist
+    from fewstep.training.data import ensure_mnist
 
     print(ensure_mnist())
     return 0
@@ -41,10 +41,10 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 
 def _train_run(args: argparse.Namespace) -> int:
-    from training.config import TrainConfig, load_config
-    from training.distributed import init_from_env, shutdown
-    from training.loop import train
-    from training.stages import make_recipe
+    from fewstep.training.config import TrainConfig, load_config
+    from fewstep.training.distributed import init_from_env, shutdown
+    from fewstep.training.loop import train
+    from fewstep.training.stages import make_recipe
 
     cfg = load_config(TrainConfig, args.config, args.set)
     if args.out:
@@ -66,7 +66,7 @@ command("train", "train an autoencoder, a teacher or the evaluation classifier")
 # ---- distill ---------------------------------------------------------------------------------------------
 def _distill_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", required=True, help="progressive, consistency, reflow, dmd2 or ladd")
-    p.add_argument("--teacher", help="teacher checkpoint directory (default: zoo/digits-teacher)")
+    p.add_argument("--teacher", help="teacher: a directory, or a name in FEWSTEP_MODELS or ./zoo")
     p.add_argument("--out", help="run directory (default: runs/distill/METHOD)")
     p.add_argument("--config", help="YAML distillation config (configs/distill-*.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
@@ -76,10 +76,10 @@ def _distill_args(p: argparse.ArgumentParser) -> None:
 def _distill_run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from training.config import load_config
-    from training.distill.config import DistillConfig
-    from training.distill.methods import METHODS, distill
-    from training.distributed import init_from_env, shutdown
+    from fewstep.training.config import load_config
+    from fewstep.training.distill.config import DistillConfig
+    from fewstep.training.distill.methods import METHODS, distill
+    from fewstep.training.distributed import init_from_env, shutdown
 
     if args.method not in METHODS:
         raise ValueError(f"--method must be one of {sorted(METHODS)}, not {args.method!r}")
@@ -106,7 +106,7 @@ command("distill", "distil a teacher into a 1-4-step student")((_distill_args, _
 
 # ---- sample ----------------------------------------------------------------------------------------------
 def _model_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="checkpoint directory (default: zoo/digits-teacher)")
+    p.add_argument("--model", default=None, help="a directory, or a name in FEWSTEP_MODELS or ./zoo")
 
 
 def _kernels_arg(p: argparse.ArgumentParser) -> None:
@@ -117,15 +117,15 @@ def _kernels_arg(p: argparse.ArgumentParser) -> None:
 
 def _kernel_mode(args: argparse.Namespace) -> str:
     """The --kernels flag, else FEWSTEP_KERNELS, else auto: parsed here once and passed to the model."""
-    from kernels.runtime import mode_from_env, parse_mode
+    from fewstep.kernels.runtime import mode_from_env, parse_mode
 
     return parse_mode(args.kernels, "--kernels") if args.kernels else mode_from_env()
 
 
-def _resolve_model(path: str | None):
-    from fewstep.paths import zoo_dir
+def _resolve_model(path: str | None, default: str = "digits-teacher"):
+    from fewstep.paths import resolve_model
 
-    return path or str(zoo_dir() / "digits-teacher")
+    return resolve_model(path, default)
 
 
 def _sample_args(p: argparse.ArgumentParser) -> None:
@@ -144,9 +144,9 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
 def _sample_run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from models.images import save_pngs
-    from models.pipeline import TextToImage
-    from training.loop import resolve_device
+    from fewstep.kernels.runtime import resolve_device
+    from fewstep.models.images import save_pngs
+    from fewstep.models.pipeline import TextToImage
 
     prompts_file = Path(args.prompts_file)
     if not prompts_file.is_file():
@@ -189,7 +189,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", help="comma-separated step counts, e.g. 1,2,4,50 (default: the model's default)")
     p.add_argument("--n", type=int, default=1000, help="images per step count")
     p.add_argument("--guidance", type=float, help="CFG scale (default: the model's)")
-    p.add_argument("--classifier", help="judge checkpoint (default: zoo/digits-classifier)")
+    p.add_argument("--classifier", help="judge checkpoint (default: digits-classifier in the models directory)")
     p.add_argument("--out", help="directory for eval.json, eval.md and sample grids (default: runs/eval/NAME)")
     p.add_argument("--data", default="digits", help="digits, or synthetic for smoke tests")
     p.add_argument("--device", default="auto")
@@ -199,12 +199,11 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 def _eval_run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from fewstep.paths import zoo_dir
-    from models.images import grid
-    from models.pipeline import TextToImage
-    from training.classifier import load_classifier
-    from training.evaluate import eval_prompts, evaluate, write_results
-    from training.loop import resolve_device
+    from fewstep.kernels.runtime import resolve_device
+    from fewstep.models.images import grid
+    from fewstep.models.pipeline import TextToImage
+    from fewstep.training.classifier import load_classifier
+    from fewstep.training.evaluate import eval_prompts, evaluate, write_results
 
     if args.n < 2:
         raise ValueError("--n must be at least 2 (a Fréchet distance needs a covariance)")
@@ -216,7 +215,7 @@ def _eval_run(args: argparse.Namespace) -> int:
     for s in steps:
         if not model.supports(s):
             raise ValueError(f"{model.name} supports steps {model.sampling.supported_steps()}, not {s}")
-    classifier = load_classifier(args.classifier or zoo_dir() / "digits-classifier")
+    classifier = load_classifier(_resolve_model(args.classifier, "digits-classifier"))
     results = evaluate(model, classifier, steps, n=args.n, guidance=args.guidance, data=args.data)
     out = Path(args.out or Path("runs") / "eval" / model.name)
     j, m = write_results(results, out)
@@ -234,7 +233,7 @@ command("eval", "measure digit/color accuracy, Fréchet distance and speed")((_e
 
 # ---- serve -----------------------------------------------------------------------------------------------
 def _serve_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--models", help="directory of checkpoints to serve (default: zoo/)")
+    p.add_argument("--models", help="directory of checkpoints to serve (default: FEWSTEP_MODELS, else ./zoo)")
     p.add_argument("--host", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default 8000)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
@@ -251,8 +250,8 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
 
 
 def _serve_run(args: argparse.Namespace) -> int:
-    from server.main import serve
-    from server.settings import load_settings
+    from fewstep.server.main import serve
+    from fewstep.server.settings import load_settings
 
     flags = {k: getattr(args, k) for k in ("models", "host", "port", "device", "default_model", "max_batch",
                                            "max_wait_ms", "queue_size", "request_timeout_s", "api_keys",
@@ -283,7 +282,7 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
 def _generate_run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from clients.sdk import FewstepClient, FewstepError
+    from fewstep.clients.sdk import FewstepClient, FewstepError
 
     out = Path(args.output)
     paths = [out] if args.n == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(args.n)]
@@ -323,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from models.checkpoint import CheckpointError
+    from fewstep.models.checkpoint import CheckpointError
 
     args = build_parser().parse_args(argv)
     try:

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.runtime import interpreting
+from fewstep.kernels.runtime import interpreting
 
 _LOG2E = 1.4426950408889634
 

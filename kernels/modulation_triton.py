@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.runtime import interpreting
+from fewstep.kernels.runtime import interpreting
 
 
 @triton.jit

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from einops import rearrange
 
-from kernels.runtime import interpreting
+from fewstep.kernels.runtime import interpreting
 
 
 @triton.jit

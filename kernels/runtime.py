@@ -14,12 +14,27 @@ from collections.abc import Mapping
 
 import torch
 
+from fewstep.errors import UsageError
+
 MODES = ("auto", "triton", "torch")
 ENV_VAR = "FEWSTEP_KERNELS"
 
 
-class KernelError(ValueError):
+class KernelError(UsageError):
     """A kernel mode that cannot run here, with the reason and the fix."""
+
+
+def resolve_device(name: str, rank: int = 0) -> torch.device:
+    """"auto" (CUDA when torch sees one, else CPU), "cpu" or "cuda" -> the device; ranks spread over the GPUs."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError("device cuda requested but torch sees no CUDA device")
+        return torch.device("cuda", rank % torch.cuda.device_count())
+    if name != "cpu":
+        raise UsageError(f"device must be auto, cpu or cuda, not {name!r}")
+    return torch.device("cpu")
 
 
 def parse_mode(value: str | None, source: str = ENV_VAR) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.config import AutoencoderConfig
+from fewstep.models.config import AutoencoderConfig
 
 
 class ResBlock(nn.Module):

@@ -6,9 +6,9 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from models.config import TransformerConfig
-from models.layers import DoubleStreamBlock, LastLayer, MLPEmbedder, SingleStreamBlock, timestep_embedding
-from models.rope import position_ids, rope_tables
+from fewstep.models.config import TransformerConfig
+from fewstep.models.layers import DoubleStreamBlock, LastLayer, MLPEmbedder, SingleStreamBlock, timestep_embedding
+from fewstep.models.rope import position_ids, rope_tables
 
 
 class MMDiT(nn.Module):

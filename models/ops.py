@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from kernels.attention import attention_ref
-from kernels.modulation import adaln_modulate_ref
-from kernels.qk_norm_rope import qk_norm_rope_ref
+from fewstep.kernels.attention import attention_ref
+from fewstep.kernels.modulation import adaln_modulate_ref
+from fewstep.kernels.qk_norm_rope import qk_norm_rope_ref
 
 
 def _triton(backend: str, *tensors: torch.Tensor | None) -> bool:
@@ -25,7 +25,7 @@ def qk_norm_rope(qkv, cos, sin, q_scale, k_scale, num_heads, eps, n_txt=0, q_sca
                  backend: str = "torch"):
     """(B, L, 3·H·D) -> q, k, v (B, H, L, D): per-head RMSNorm of q and k, then RoPE."""
     if _triton(backend, qkv, q_scale, k_scale, q_scale_txt, k_scale_txt):
-        from kernels.qk_norm_rope_triton import qk_norm_rope_triton
+        from fewstep.kernels.qk_norm_rope_triton import qk_norm_rope_triton
 
         return qk_norm_rope_triton(qkv, cos, sin, q_scale, k_scale, num_heads, eps, n_txt, q_scale_txt, k_scale_txt)
     return qk_norm_rope_ref(qkv, cos, sin, q_scale, k_scale, num_heads, eps, n_txt, q_scale_txt, k_scale_txt)
@@ -35,7 +35,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch
               backend: str = "torch") -> torch.Tensor:
     """(B, H, L, D) ×3 -> (B, L, H·D)."""
     if _triton(backend, q, k, v):
-        from kernels.attention_triton import attention_triton
+        from fewstep.kernels.attention_triton import attention_triton
 
         return attention_triton(q, k, v, key_mask)
     return attention_ref(q, k, v, key_mask)
@@ -44,7 +44,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, backend: str = "torch") -> torch.Tensor:
     """LayerNorm(x)·(1 + scale) + shift."""
     if _triton(backend, x, shift, scale):
-        from kernels.modulation_triton import adaln_modulate_triton
+        from fewstep.kernels.modulation_triton import adaln_modulate_triton
 
         return adaln_modulate_triton(x, shift, scale)
     return adaln_modulate_ref(x, shift, scale)

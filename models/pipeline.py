@@ -14,14 +14,14 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from models.autoencoder import Autoencoder
-from models.checkpoint import Card, CheckpointError, Sampling, read_card, save_checkpoint, verify_file
-from models.config import AutoencoderConfig, ModelConfig, config_from_dict
-from models.flow import consistency_function
-from models.flow import timesteps as make_timesteps
-from models.mmdit import MMDiT
-from models.sampling import sample_euler, sample_x0, seeded_noise, velocity_denoiser
-from models.text import TextCond, TextEncoder, Tokenizer
+from fewstep.models.autoencoder import Autoencoder
+from fewstep.models.checkpoint import Card, CheckpointError, Sampling, read_card, save_checkpoint, verify_file
+from fewstep.models.config import AutoencoderConfig, ModelConfig, config_from_dict
+from fewstep.models.flow import consistency_function
+from fewstep.models.flow import timesteps as make_timesteps
+from fewstep.models.mmdit import MMDiT
+from fewstep.models.sampling import sample_euler, sample_x0, seeded_noise, velocity_denoiser
+from fewstep.models.text import TextCond, TextEncoder, Tokenizer
 
 TRANSFORMER, TEXT_ENCODER, AUTOENCODER, TOKENIZER = (
     "transformer.safetensors", "text_encoder.safetensors", "autoencoder.safetensors", "tokenizer.json"
@@ -30,7 +30,7 @@ TRANSFORMER, TEXT_ENCODER, AUTOENCODER, TOKENIZER = (
 
 def load_autoencoder(directory: str | Path, device: str | torch.device = "cpu") -> Autoencoder:
     """An autoencoder checkpoint (role "autoencoder") as written by the autoencoder training stage."""
-    from models.checkpoint import load_weights
+    from fewstep.models.checkpoint import load_weights
 
     card = read_card(directory)
     if card.role != "autoencoder":
@@ -105,7 +105,7 @@ class TextToImage:
 
         Raises kernels.runtime.KernelError when a forced "triton" cannot run here.
         """
-        from kernels.runtime import resolve
+        from fewstep.kernels.runtime import resolve
 
         self.transformer.set_kernels(resolve(mode, self.device))
         self.kernel_mode = mode
@@ -197,7 +197,7 @@ class TextToImage:
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device = "cpu", kernels: str = "auto") -> TextToImage:
         """kernels: "auto" (Triton on CUDA, PyTorch elsewhere), "triton" or "torch"."""
-        from models.checkpoint import load_weights
+        from fewstep.models.checkpoint import load_weights
 
         directory = Path(directory)
         card = read_card(directory)

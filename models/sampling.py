@@ -58,7 +58,7 @@ def hash_seed(seed: int, k: int) -> int:
 
 def velocity_denoiser(velocity_fn: VelocityFn) -> DenoiseFn:
     """x̂0 = x − t·v: the clean-sample estimate of a velocity network."""
-    from models.flow import x0_from_velocity
+    from fewstep.models.flow import x0_from_velocity
 
     return lambda x, t: x0_from_velocity(x, velocity_fn(x, t), t)
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from models.config import TextEncoderConfig
+from fewstep.models.config import TextEncoderConfig
 
 PAD, BOS, UNK = "[PAD]", "[BOS]", "[UNK]"
 _WORD = re.compile(r"[a-z0-9]+")

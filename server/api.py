@@ -25,14 +25,14 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from models.images import encode
-from server.engine import BadRequest, Engine, Job, NotServable, QueueFull, Result, device_executor
-from server.metrics import Metrics
-from server.protocol import QUALITY_STEPS, GenerateRequest, GenerateResponse, ImagesRequest
-from server.registry import Registry
-from server.settings import ServeSettings
+from fewstep.models.images import encode
+from fewstep.server.engine import BadRequest, Engine, Job, NotServable, QueueFull, Result, device_executor
+from fewstep.server.metrics import Metrics
+from fewstep.server.protocol import QUALITY_STEPS, GenerateRequest, GenerateResponse, ImagesRequest
+from fewstep.server.registry import Registry
+from fewstep.server.settings import ServeSettings
 
-PLAYGROUND = files("server").joinpath("static/playground.html").read_text(encoding="utf-8")
+PLAYGROUND = files("fewstep.server").joinpath("static/playground.html").read_text(encoding="utf-8")
 log = logging.getLogger("fewstep.server")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -80,7 +80,7 @@ class BodyLimit:
 
 def create_app(settings: ServeSettings, registry: Registry | None = None) -> FastAPI:
     """The app; ``registry`` defaults to scanning settings.models (tests may pass one they built)."""
-    from training.loop import resolve_device
+    from fewstep.kernels.runtime import resolve_device
 
     metrics = Metrics.create()
     if settings.threads:
@@ -89,7 +89,7 @@ def create_app(settings: ServeSettings, registry: Registry | None = None) -> Fas
         torch.set_num_threads(settings.threads)
     executor = device_executor()  # models load on the thread that will run them (see device_executor)
     if registry is None:
-        from kernels.runtime import resolve
+        from fewstep.kernels.runtime import resolve
 
         device = resolve_device(settings.device)
         resolve(settings.kernels, device)  # a forced "triton" that cannot run here fails now, naming why

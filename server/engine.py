@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-from models.images import to_pil
-from server.breaker import CircuitBreaker
-from server.metrics import Metrics
-from server.registry import Registry, ServedModel
-from server.settings import ServeSettings
+from fewstep.models.images import to_pil
+from fewstep.server.breaker import CircuitBreaker
+from fewstep.server.metrics import Metrics
+from fewstep.server.registry import Registry, ServedModel
+from fewstep.server.settings import ServeSettings
 
 log = logging.getLogger("fewstep.server")
 

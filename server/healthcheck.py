@@ -1,6 +1,6 @@
 """Container health check: exit 0 when the server's /readyz answers 200 (ready or degraded), 1 otherwise.
 
-    python -m server.healthcheck [URL]        # default http://127.0.0.1:$FEWSTEP_PORT/readyz
+    python -m fewstep.server.healthcheck [URL]        # default http://127.0.0.1:$FEWSTEP_PORT/readyz
 
 The Dockerfile's HEALTHCHECK runs this: the image needs no curl, and a refused connection or a 503 is one
 line on stdout, not a traceback.

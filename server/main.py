@@ -6,11 +6,11 @@ import logging
 
 import uvicorn
 
-from server.settings import ServeSettings
+from fewstep.server.settings import ServeSettings
 
 
 def serve(settings: ServeSettings) -> None:
-    from server.api import create_app
+    from fewstep.server.api import create_app
 
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import torch
 
-from models.checkpoint import Card, CheckpointError, read_card
-from models.pipeline import TRANSFORMER, TextToImage
+from fewstep.errors import UsageError
+from fewstep.models.checkpoint import Card, CheckpointError, read_card
+from fewstep.models.pipeline import TRANSFORMER, TextToImage
+from fewstep.paths import HOW
 
 log = logging.getLogger("fewstep.server")
 
@@ -55,7 +57,7 @@ class Registry:
     def scan(cls, directory: Path, device: torch.device, default: str | None = None,
              kernels: str = "auto") -> Registry:
         if not directory.is_dir():
-            raise ValueError(f"models directory {directory} does not exist")
+            raise UsageError(f"no models directory at {directory}: {HOW}")
         reg = cls()
         for sub in sorted(p for p in directory.iterdir() if p.is_dir()):
             if not (sub / "card.json").exists():

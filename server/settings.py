@@ -9,14 +9,14 @@ from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, InitSettingsSource, NoDecode, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
-from fewstep.paths import zoo_dir
 from fewstep.yamlfile import read_mapping
 
 
 class ServeSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FEWSTEP_", extra="forbid", protected_namespaces=())
 
-    models: Path = Field(default_factory=zoo_dir, description="directory of checkpoint directories to serve")
+    # --models, else FEWSTEP_MODELS, else ./zoo (a fresh checkout serves its shipped models)
+    models: Path = Field(default=Path("zoo"), description="directory of checkpoint directories to serve")
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -13,9 +13,9 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from training.config import TrainConfig
-from training.loop import train
-from training.stages import make_recipe
+from fewstep.training.config import TrainConfig
+from fewstep.training.loop import train
+from fewstep.training.stages import make_recipe
 
 
 def tiny_config(tmp: Path, **changes) -> TrainConfig:

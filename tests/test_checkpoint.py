@@ -6,8 +6,8 @@ import sys
 import pytest
 import torch
 
-from models.checkpoint import CheckpointError, read_card
-from models.pipeline import TRANSFORMER, TextToImage
+from fewstep.models.checkpoint import CheckpointError, read_card
+from fewstep.models.pipeline import TRANSFORMER, TextToImage
 
 
 def test_round_trip_is_exact(tiny_teacher, tmp_path):

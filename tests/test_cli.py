@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.pipeline import TextToImage
+from fewstep.models.pipeline import TextToImage
 
 
 def fewstep(*args, check=True):
@@ -30,7 +30,7 @@ def test_sample_writes_one_png_per_line_in_order(tiny_teacher, tmp_path):
     assert img.size == (32, 32) and img.mode == "RGB"
     # file order and seeds: line i is (prompt i, seed 5 + i)
     model = TextToImage.load(tiny_teacher)
-    from models.images import to_pil
+    from fewstep.models.images import to_pil
 
     expect = to_pil(model.generate(["seven in red on a black background"], [6], steps=3))[0]
     assert np.array_equal(np.asarray(expect), np.asarray(img))
@@ -51,7 +51,7 @@ def test_sample_refuses_to_overwrite(tiny_teacher, tmp_path):
     [
         (["--prompts-file", "missing.txt"], "no such file"),
         (["--steps", "0"], "supports steps"),
-        (["--model", "nowhere"], "no such checkpoint directory"),
+        (["--model", "nowhere"], "no model 'nowhere'"),
     ],
 )
 def test_sample_bad_input_is_a_clear_error(tiny_teacher, tmp_path, args, message):

@@ -1,7 +1,7 @@
 import torch
 
-from models.text import Tokenizer
-from training.data import (
+from fewstep.models.text import Tokenizer
+from fewstep.training.data import (
     COLOR_NAMES,
     PALETTE,
     TEMPLATES,

@@ -21,7 +21,7 @@ import httpx
 import pytest
 import yaml
 
-from server.metrics import Metrics
+from fewstep.server.metrics import Metrics
 from tests.server.conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,7 +72,7 @@ def test_dockerfile_facts():
     assert int(user.split(":")[0]) > 0, "runs as a non-root user"
     assert json.loads(instr("ENTRYPOINT")[0]) == ["fewstep", "serve"]
     [health] = instr("HEALTHCHECK")
-    assert json.loads(health.split(" CMD ", 1)[1]) == ["python", "-m", "server.healthcheck"]
+    assert json.loads(health.split(" CMD ", 1)[1]) == ["python", "-m", "fewstep.server.healthcheck"]
 
 
 @pytest.mark.skipif(shutil.which("hadolint") is None,
@@ -84,17 +84,26 @@ def test_hadolint_passes():
 
 
 def test_install_step_builds_a_wheel_with_everything_the_image_runs(tmp_path):
-    """The image's `pip install .`, minus the dependencies: the wheel must carry the page and the kernels."""
+    """The image's `pip install .`, minus the dependencies: one top-level package, `fewstep`, carrying the page,
+    the kernels and every layer under its namespace (issue 10: no top-level `models` or `server`)."""
+    src = tmp_path / "src"  # build from a copy: setuptools writes build/ and egg-info beside the sources
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "zoo", "docs", "runs", "build", "*.egg-info",
+                                                                "__pycache__", ".ruff_cache", ".pytest_cache"))
     run = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                          "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True)
+                          "-w", str(tmp_path), str(src)], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     [wheel] = tmp_path.glob("fewstep-*.whl")
-    names = set(zipfile.ZipFile(wheel).namelist())
-    for needed in ("server/static/playground.html", "server/healthcheck.py", "kernels/attention_triton.py",
-                   "fewstep/cli.py", "clients/sdk.py", "models/pipeline.py", "training/loop.py"):
+    with zipfile.ZipFile(wheel) as zf:
+        names = set(zf.namelist())
+        [top_level] = [n for n in names if n.endswith(".dist-info/top_level.txt")]
+        assert zf.read(top_level).decode().split() == ["fewstep"]
+        entry_points = zf.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    for needed in ("fewstep/server/static/playground.html", "fewstep/server/healthcheck.py",
+                   "fewstep/kernels/attention_triton.py", "fewstep/cli.py", "fewstep/clients/sdk.py",
+                   "fewstep/models/pipeline.py", "fewstep/training/loop.py", "fewstep/training/distill/dmd2.py"):
         assert needed in names, needed
-    assert "fewstep = fewstep.cli:main" in zipfile.ZipFile(wheel).read(
-        next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    assert {n.split("/")[0] for n in names if not n.startswith("fewstep-")} == {"fewstep"}
+    assert "fewstep = fewstep.cli:main" in entry_points
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +112,7 @@ def container(tmp_path_factory, tiny_teacher):
     models = tmp_path_factory.mktemp("models")
     shutil.copytree(tiny_teacher, models / "tiny-teacher")
     port = free_port()
-    env = {**os.environ, **docker_env(), "FEWSTEP_MODELS": str(models), "FEWSTEP_ZOO": str(models),
+    env = {**os.environ, **docker_env(), "FEWSTEP_MODELS": str(models),
            "FEWSTEP_PORT": str(port), "FEWSTEP_HOST": "127.0.0.1", "FEWSTEP_DEVICE": "cpu"}
     health = [sys.executable if w == "python" else w for w in json.loads(instr("HEALTHCHECK")[0].split(" CMD ", 1)[1])]
     before = subprocess.run(health, env=env, capture_output=True, text=True)

@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 
-from models.checkpoint import read_card
-from models.flow import consistency_coefficients, consistency_function
-from models.pipeline import TextToImage
-from training.distill.config import DistillConfig
-from training.distill.losses import (
+from fewstep.models.checkpoint import read_card
+from fewstep.models.flow import consistency_coefficients, consistency_function
+from fewstep.models.pipeline import TextToImage
+from fewstep.training.distill.config import DistillConfig
+from fewstep.training.distill.losses import (
     dmd_gradient,
     dmd_loss,
     hinge_discriminator,
@@ -17,7 +17,7 @@ from training.distill.losses import (
     progressive_velocity_target,
     pseudo_huber,
 )
-from training.distill.methods import distill
+from fewstep.training.distill.methods import distill
 
 
 def tiny_distill(tmp_path, teacher, **changes):
@@ -104,8 +104,8 @@ def test_hinge_losses_by_hand():
 
 
 def test_reflow_loss_on_a_fixed_input(tiny_teacher):
-    from training.distill.common import build_student
-    from training.distill.reflow import ReflowLoss
+    from fewstep.training.distill.common import build_student
+    from fewstep.training.distill.reflow import ReflowLoss
 
     teacher = TextToImage.load(tiny_teacher)
     student = build_student(teacher)
@@ -118,8 +118,8 @@ def test_reflow_loss_on_a_fixed_input(tiny_teacher):
 
 
 def test_consistency_loss_on_a_fixed_input(tiny_teacher):
-    from training.distill.consistency import ConsistencyRecipe
-    from training.distill.losses import default_huber_c
+    from fewstep.training.distill.consistency import ConsistencyRecipe
+    from fewstep.training.distill.losses import default_huber_c
 
     cfg = tiny_distill(None, tiny_teacher, method="consistency", target_ema=0.0)
     teacher = TextToImage.load(tiny_teacher)

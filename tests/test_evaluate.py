@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from training.evaluate import eval_prompts, frechet_distance, markdown_table
+from fewstep.training.evaluate import eval_prompts, frechet_distance, markdown_table
 
 
 def test_frechet_distance_matches_the_closed_form_for_diagonal_gaussians():

@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from models.pipeline import TextToImage
+from fewstep.models.pipeline import TextToImage
+from fewstep.training.data import load_data, sample_batch, vocabulary
 from tests.conftest import run_stage
-from training.data import load_data, sample_batch, vocabulary
 
 
 def make_folder(root, n=40, sidecar=True):

@@ -3,16 +3,16 @@ import math
 import pytest
 import torch
 
-from kernels.attention import attention_ref
-from kernels.modulation import adaln_modulate_ref
-from kernels.qk_norm_rope import qk_norm_rope_ref
-from models.config import ModelConfig, get_variant
-from models.flow import interpolate, shift_time, timesteps, velocity_target, x0_from_velocity
-from models.mmdit import MMDiT
-from models.rope import position_ids, rope_tables
-from models.text import TextEncoder, Tokenizer
+from fewstep.kernels.attention import attention_ref
+from fewstep.kernels.modulation import adaln_modulate_ref
+from fewstep.kernels.qk_norm_rope import qk_norm_rope_ref
+from fewstep.models.config import ModelConfig, get_variant
+from fewstep.models.flow import interpolate, shift_time, timesteps, velocity_target, x0_from_velocity
+from fewstep.models.mmdit import MMDiT
+from fewstep.models.rope import position_ids, rope_tables
+from fewstep.models.text import TextEncoder, Tokenizer
+from fewstep.training.data import caption_vocabulary
 from tests.conftest import randomize
-from training.data import caption_vocabulary
 
 
 def test_rope_rotates_adjacent_pairs_by_position_times_frequency():

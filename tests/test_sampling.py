@@ -1,7 +1,7 @@
 import torch
 
-from models.pipeline import TextToImage
-from models.sampling import sample_euler, sample_x0, seeded_noise
+from fewstep.models.pipeline import TextToImage
+from fewstep.models.sampling import sample_euler, sample_x0, seeded_noise
 from tests.conftest import randomize
 
 PROMPTS = ["a red 7 on black", "seven in red on a black background", "a white 0 on blue", "a green 4 on white"]

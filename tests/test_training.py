@@ -6,10 +6,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from fewstep.training.config import TrainConfig, load_config
+from fewstep.training.loop import lr_at, train
+from fewstep.training.stages import make_recipe
 from tests.conftest import tiny_config
-from training.config import TrainConfig, load_config
-from training.loop import lr_at, train
-from training.stages import make_recipe
 
 
 def _losses(path):

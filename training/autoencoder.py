@@ -9,12 +9,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.autoencoder import Autoencoder
-from models.checkpoint import save_checkpoint
-from models.config import get_variant
-from models.pipeline import AUTOENCODER
-from training.config import TrainConfig
-from training.data import load_data, sample_batch
+from fewstep.models.autoencoder import Autoencoder
+from fewstep.models.checkpoint import save_checkpoint
+from fewstep.models.config import get_variant
+from fewstep.models.pipeline import AUTOENCODER
+from fewstep.training.config import TrainConfig
+from fewstep.training.data import load_data, sample_batch
 
 
 class AutoencoderLoss(nn.Module):

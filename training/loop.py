@@ -25,7 +25,8 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from training.config import TrainConfig, to_dict
+from fewstep.kernels.runtime import resolve_device
+from fewstep.training.config import TrainConfig, to_dict
 
 
 class Recipe(Protocol):
@@ -55,18 +56,6 @@ class RunInfo:
     step: int = 0
     seconds: float = 0.0  # training time summed over resumes
     images: int = 0
-
-
-def resolve_device(name: str, rank: int = 0) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("device cuda requested but torch sees no CUDA device")
-        return torch.device("cuda", rank % torch.cuda.device_count())
-    if name != "cpu":
-        raise ValueError(f"device must be auto, cpu or cuda, not {name!r}")
-    return torch.device("cpu")
 
 
 def lr_at(cfg: TrainConfig, step: int, seconds: float = 0.0) -> float:

@@ -7,23 +7,23 @@ from typing import Any
 
 import torch
 
-from training.config import TrainConfig
+from fewstep.training.config import TrainConfig
 
 
 def _autoencoder(cfg: TrainConfig) -> Any:
-    from training.autoencoder import AutoencoderRecipe
+    from fewstep.training.autoencoder import AutoencoderRecipe
 
     return AutoencoderRecipe(cfg)
 
 
 def _teacher(cfg: TrainConfig) -> Any:
-    from training.teacher import TeacherRecipe
+    from fewstep.training.teacher import TeacherRecipe
 
     return TeacherRecipe(cfg)
 
 
 def _classifier(cfg: TrainConfig) -> Any:
-    from training.classifier import ClassifierRecipe
+    from fewstep.training.classifier import ClassifierRecipe
 
     return ClassifierRecipe(cfg)
 

@@ -14,13 +14,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.config import get_variant
-from models.flow import interpolate, logit_normal_t, timesteps, velocity_target
-from models.mmdit import MMDiT
-from models.pipeline import TextToImage, load_autoencoder
-from models.text import TextEncoder, Tokenizer
-from training.config import TrainConfig
-from training.data import load_data, sample_batch, vocabulary
+from fewstep.models.config import get_variant
+from fewstep.models.flow import interpolate, logit_normal_t, timesteps, velocity_target
+from fewstep.models.mmdit import MMDiT
+from fewstep.models.pipeline import TextToImage, load_autoencoder
+from fewstep.models.text import TextEncoder, Tokenizer
+from fewstep.training.config import TrainConfig
+from fewstep.training.data import load_data, sample_batch, vocabulary
 
 
 class FlowMatchingLoss(nn.Module):

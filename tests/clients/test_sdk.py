@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from clients.sdk import AsyncFewstepClient, FewstepClient, FewstepError
+from fewstep.clients.sdk import AsyncFewstepClient, FewstepClient, FewstepError
 from tests.server.conftest import LiveServer, make_settings
 
 

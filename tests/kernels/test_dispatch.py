@@ -12,13 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
-from fewstep.paths import zoo_dir
-from kernels.runtime import KernelError, mode_from_env, parse_mode, resolve
-from models import ops
-from models.config import get_variant
-from models.pipeline import TextToImage
-from models.text import Tokenizer
-from training.data import caption_vocabulary
+from fewstep.kernels.runtime import KernelError, mode_from_env, parse_mode, resolve
+from fewstep.models import ops
+from fewstep.models.config import get_variant
+from fewstep.models.pipeline import TextToImage
+from fewstep.models.text import Tokenizer
+from fewstep.training.data import caption_vocabulary
+
+ZOO = Path(__file__).resolve().parents[2] / "zoo"
 
 
 def test_modes_parse_and_resolve():
@@ -74,7 +75,7 @@ def _sample(tmp: Path, mode: str) -> np.ndarray:
     prompts.write_text("a red 7 on black\na blue 3 on yellow\n")
     # 4 steps, not the teacher's 40: the interpreter takes ~0.1-0.3 s per kernel launch (25 launches per step);
     # at 4 steps the teacher already draws the right digit in the right colors (docs/results.md)
-    subprocess.run([sys.executable, "-m", "fewstep.cli", "sample", "--model", str(zoo_dir() / "digits-teacher"),
+    subprocess.run([sys.executable, "-m", "fewstep.cli", "sample", "--model", str(ZOO / "digits-teacher"),
                     "--prompts-file", str(prompts), "--out", str(out), "--steps", "4", "--device", "cpu"],
                    check=True, env=env, capture_output=True)
     return np.stack([np.asarray(Image.open(out / f"{i:06d}.png"), dtype=np.int16) for i in range(2)])

@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.modulation import adaln_modulate_ref
-from kernels.modulation_triton import adaln_modulate_triton
+from fewstep.kernels.modulation import adaln_modulate_ref
+from fewstep.kernels.modulation_triton import adaln_modulate_triton
 from tests.kernels.conftest import DTYPES, assert_close
 
 

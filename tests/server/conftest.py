@@ -15,11 +15,11 @@ import pytest
 import torch
 import uvicorn
 
-from models.pipeline import TextToImage
-from server.api import create_app
-from server.settings import ServeSettings
-from training.distill.config import DistillConfig
-from training.distill.methods import distill
+from fewstep.models.pipeline import TextToImage
+from fewstep.server.api import create_app
+from fewstep.server.settings import ServeSettings
+from fewstep.training.distill.config import DistillConfig
+from fewstep.training.distill.methods import distill
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from server.settings import load_settings
+from fewstep.server.settings import load_settings
 from tests.server.conftest import free_port
 
 

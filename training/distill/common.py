@@ -11,12 +11,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.flow import timesteps as make_timesteps
-from models.mmdit import MMDiT
-from models.pipeline import TextToImage
-from models.text import TextCond
-from training.data import load_data, sample_batch
-from training.distill.config import DistillConfig
+from fewstep.models.flow import timesteps as make_timesteps
+from fewstep.models.mmdit import MMDiT
+from fewstep.models.pipeline import TextToImage
+from fewstep.models.text import TextCond
+from fewstep.training.data import load_data, sample_batch
+from fewstep.training.distill.config import DistillConfig
 
 
 def load_teacher(path: str | Path, device: str | torch.device = "cpu") -> TextToImage:

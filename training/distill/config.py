@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from training.config import TrainConfig
+from fewstep.training.config import TrainConfig
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.flow import consistency_function, interpolate
-from training.distill.common import (
+from fewstep.models.flow import consistency_function, interpolate
+from fewstep.training.distill.common import (
     Conditioner,
     DataSource,
     build_student,
@@ -28,9 +28,9 @@ from training.distill.common import (
     teacher_guidance,
     velocity,
 )
-from training.distill.config import DistillConfig
-from training.distill.losses import default_huber_c, pseudo_huber
-from training.loop import ema_update
+from fewstep.training.distill.config import DistillConfig
+from fewstep.training.distill.losses import default_huber_c, pseudo_huber
+from fewstep.training.loop import ema_update
 
 
 class ConsistencyRecipe:

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.flow import interpolate, logit_normal_t, timesteps, x0_from_velocity
-from training.distill.common import (
+from fewstep.models.flow import interpolate, logit_normal_t, timesteps, x0_from_velocity
+from fewstep.training.distill.common import (
     Conditioner,
     DataSource,
     build_student,
@@ -31,8 +31,8 @@ from training.distill.common import (
     teacher_guidance,
     velocity,
 )
-from training.distill.config import DistillConfig
-from training.distill.losses import dmd_gradient, dmd_loss, gan_discriminator, gan_generator
+from fewstep.training.distill.config import DistillConfig
+from fewstep.training.distill.losses import dmd_gradient, dmd_loss, gan_discriminator, gan_generator
 
 GAN_DISC_WEIGHT = 1e-2  # DMD2's weight of the classifier loss in the fake-score update
 

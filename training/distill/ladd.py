@@ -15,13 +15,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.flow import interpolate, logit_normal_t, timesteps, x0_from_velocity
-from models.layers import MLPEmbedder, timestep_embedding
-from training.distill.common import Conditioner, build_student, export_student, load_teacher, prepare_common, velocity
-from training.distill.common import teacher_guidance as guidance_of
-from training.distill.config import DistillConfig
-from training.distill.losses import hinge_discriminator, hinge_generator
-from training.distill.teacher_data import draw, generate_pairs
+from fewstep.models.flow import interpolate, logit_normal_t, timesteps, x0_from_velocity
+from fewstep.models.layers import MLPEmbedder, timestep_embedding
+from fewstep.training.distill.common import (
+    Conditioner,
+    build_student,
+    export_student,
+    load_teacher,
+    prepare_common,
+    velocity,
+)
+from fewstep.training.distill.common import teacher_guidance as guidance_of
+from fewstep.training.distill.config import DistillConfig
+from fewstep.training.distill.losses import hinge_discriminator, hinge_generator
+from fewstep.training.distill.teacher_data import draw, generate_pairs
 
 
 class Head(nn.Module):

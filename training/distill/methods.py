@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from training.distill.config import DistillConfig
-from training.loop import train
+from fewstep.training.distill.config import DistillConfig
+from fewstep.training.loop import train
 
 
 def _single(recipe_cls) -> Callable[[DistillConfig, Path], list[Path]]:
@@ -23,31 +23,31 @@ def _single(recipe_cls) -> Callable[[DistillConfig, Path], list[Path]]:
 
 
 def _consistency(cfg: DistillConfig, out: Path) -> list[Path]:
-    from training.distill.consistency import ConsistencyRecipe
+    from fewstep.training.distill.consistency import ConsistencyRecipe
 
     return _single(ConsistencyRecipe)(cfg, out)
 
 
 def _progressive(cfg: DistillConfig, out: Path) -> list[Path]:
-    from training.distill.progressive import run_progressive
+    from fewstep.training.distill.progressive import run_progressive
 
     return run_progressive(cfg, out)
 
 
 def _reflow(cfg: DistillConfig, out: Path) -> list[Path]:
-    from training.distill.reflow import run_reflow
+    from fewstep.training.distill.reflow import run_reflow
 
     return run_reflow(cfg, out)
 
 
 def _dmd2(cfg: DistillConfig, out: Path) -> list[Path]:
-    from training.distill.dmd2 import DMD2Recipe
+    from fewstep.training.distill.dmd2 import DMD2Recipe
 
     return _single(DMD2Recipe)(cfg, out)
 
 
 def _ladd(cfg: DistillConfig, out: Path) -> list[Path]:
-    from training.distill.ladd import LADDRecipe
+    from fewstep.training.distill.ladd import LADDRecipe
 
     return _single(LADDRecipe)(cfg, out)
 

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.flow import interpolate
-from models.pipeline import TextToImage
-from training.distill.common import (
+from fewstep.models.flow import interpolate
+from fewstep.models.pipeline import TextToImage
+from fewstep.training.distill.common import (
     Conditioner,
     DataSource,
     export_student,
@@ -28,9 +28,9 @@ from training.distill.common import (
     teacher_guidance,
     velocity,
 )
-from training.distill.config import DistillConfig
-from training.distill.losses import progressive_velocity_target
-from training.loop import train
+from fewstep.training.distill.config import DistillConfig
+from fewstep.training.distill.losses import progressive_velocity_target
+from fewstep.training.loop import train
 
 
 class ProgressiveLoss(nn.Module):

@@ -16,13 +16,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.flow import interpolate, logit_normal_t, timesteps
-from models.pipeline import TextToImage
-from training.distill.common import Conditioner, build_student, export_student, load_teacher, prepare_common, velocity
-from training.distill.common import teacher_guidance as guidance_of
-from training.distill.config import DistillConfig
-from training.distill.teacher_data import draw, generate_pairs
-from training.loop import train
+from fewstep.models.flow import interpolate, logit_normal_t, timesteps
+from fewstep.models.pipeline import TextToImage
+from fewstep.training.distill.common import (
+    Conditioner,
+    build_student,
+    export_student,
+    load_teacher,
+    prepare_common,
+    velocity,
+)
+from fewstep.training.distill.common import teacher_guidance as guidance_of
+from fewstep.training.distill.config import DistillConfig
+from fewstep.training.distill.teacher_data import draw, generate_pairs
+from fewstep.training.loop import train
 
 
 class ReflowLoss(nn.Module):

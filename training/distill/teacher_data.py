@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from models.pipeline import TextToImage
-from models.sampling import sample_euler
-from training.data import load_data, sample_batch
+from fewstep.models.pipeline import TextToImage
+from fewstep.models.sampling import sample_euler
+from fewstep.training.data import load_data, sample_batch
 
 
 @torch.no_grad()
