@@ -5,7 +5,7 @@ import torch
 
 from fewstep.kernels.attention import attention_ref
 from fewstep.kernels.attention_triton import attention_triton
-from tests.kernels.conftest import DTYPES, HEAD_DIMS, assert_close
+from tests.kernels.helpers import DTYPES, HEAD_DIMS, assert_close
 
 N_TXT, N_IMG = 7, 64  # odd lengths: 71 tokens is no multiple of any block size
 

@@ -5,7 +5,7 @@ import torch
 
 from fewstep.kernels.modulation import adaln_modulate_ref
 from fewstep.kernels.modulation_triton import adaln_modulate_triton
-from tests.kernels.conftest import DTYPES, assert_close
+from tests.kernels.helpers import DTYPES, assert_close
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -6,7 +6,7 @@ import torch
 from fewstep.kernels.qk_norm_rope import qk_norm_rope_ref
 from fewstep.kernels.qk_norm_rope_triton import qk_norm_rope_triton
 from fewstep.models.rope import position_ids, rope_tables
-from tests.kernels.conftest import AXES, DTYPES, HEAD_DIMS, assert_close
+from tests.kernels.helpers import AXES, DTYPES, HEAD_DIMS, assert_close
 
 N_TXT, GRID = 7, 8  # 7 text + 64 image tokens
 

@@ -12,7 +12,7 @@ from fewstep.models.mmdit import MMDiT
 from fewstep.models.rope import position_ids, rope_tables
 from fewstep.models.text import TextEncoder, Tokenizer
 from fewstep.training.data import caption_vocabulary
-from tests.conftest import randomize
+from tests.helpers import randomize
 
 
 def test_rope_rotates_adjacent_pairs_by_position_times_frequency():

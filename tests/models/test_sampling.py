@@ -2,7 +2,7 @@ import torch
 
 from fewstep.models.pipeline import TextToImage
 from fewstep.models.sampling import sample_euler, sample_x0, seeded_noise
-from tests.conftest import randomize
+from tests.helpers import randomize
 
 PROMPTS = ["a red 7 on black", "seven in red on a black background", "a white 0 on blue", "a green 4 on white"]
 

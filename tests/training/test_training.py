@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 from fewstep.training.config import TrainConfig, load_config
 from fewstep.training.loop import lr_at, train
 from fewstep.training.stages import make_recipe
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 
 def _losses(path):

@@ -11,7 +11,7 @@ from PIL import Image
 
 from fewstep.models.pipeline import TextToImage
 from fewstep.training.data import load_data, sample_batch, vocabulary
-from tests.conftest import run_stage
+from tests.helpers import run_stage
 
 
 def make_folder(root, n=40, sidecar=True):
