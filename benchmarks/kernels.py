@@ -109,54 +109,60 @@ def bench_shape(s: Shape, device: torch.device, smoke: bool) -> list[dict]:
     flops = 4 * b * h * length * length * d
     ms = bench(lambda: attention_triton(q, k, v, mask), device, smoke)
     err = (attention_triton(q, k, v, mask).float() - attention_ref(q, k, v, mask).float()).abs().max().item()
-    rows.append(dict(shape=s.name, kernel="attention", impl="triton", ms=ms, tflops=flops / ms / 1e9,
-                     max_err=err))
+    rows.append(dict(shape=s.name, kernel="attention", impl="triton", ms=ms, tflops=flops / ms / 1e9, max_err=err))
     ms = bench(lambda: attention_ref(q, k, v, mask), device, smoke)
-    rows.append(dict(shape=s.name, kernel="attention", impl="sdpa (torch's choice)", ms=ms,
-                     tflops=flops / ms / 1e9))
+    rows.append(dict(shape=s.name, kernel="attention", impl="sdpa (torch's choice)", ms=ms, tflops=flops / ms / 1e9))
     sdpa_mask = mask[:, None, None, :]
-    for name, backend in ([] if smoke else sdpa_backends()):
+    for name, backend in [] if smoke else sdpa_backends():
         try:
             with sdpa_kernel(backend):
                 fn = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask)  # noqa: E731
                 fn()
                 ms = bench(fn, device, smoke)
-            rows.append(dict(shape=s.name, kernel="attention", impl=f"sdpa {name}", ms=ms,
-                             tflops=flops / ms / 1e9))
+            rows.append(dict(shape=s.name, kernel="attention", impl=f"sdpa {name}", ms=ms, tflops=flops / ms / 1e9))
         except RuntimeError as e:  # e.g. flash does not take an attention mask
-            rows.append(dict(shape=s.name, kernel="attention", impl=f"sdpa {name}", ms=None,
-                             note=str(e).splitlines()[0][:80]))
+            rows.append(
+                dict(shape=s.name, kernel="attention", impl=f"sdpa {name}", ms=None, note=str(e).splitlines()[0][:80])
+            )
     # without a mask, which is what Flux itself runs (no padded text): SDPA may pick flash here
-    for impl, fn in (("sdpa, no mask", lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)),
-                     ("triton, no mask", lambda: attention_triton(q, k, v, None))):
+    for impl, fn in (
+        ("sdpa, no mask", lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)),
+        ("triton, no mask", lambda: attention_triton(q, k, v, None)),
+    ):
         ms = bench(fn, device, smoke)
         rows.append(dict(shape=s.name, kernel="attention", impl=impl, ms=ms, tflops=flops / ms / 1e9))
     # ---- adaLN modulation
     x = torch.randn(b, length, c, generator=g).to(device, dt)
     mod = torch.randn(b, 1, 6 * c, generator=g).to(device, dt)
-    shift, scale = mod[..., :c], mod[..., c: 2 * c]
+    shift, scale = mod[..., :c], mod[..., c : 2 * c]
     moved = 2 * x.numel() * size
     for impl, fn in (("triton", adaln_modulate_triton), ("torch reference", adaln_modulate_ref)):
         ms = bench(lambda fn=fn: fn(x, shift, scale), device, smoke)
         rows.append(dict(shape=s.name, kernel="adaln_modulate", impl=impl, ms=ms, gbps=moved / ms / 1e6))
-    err = (adaln_modulate_triton(x, shift, scale).float() - adaln_modulate_ref(x, shift, scale).float())
+    err = adaln_modulate_triton(x, shift, scale).float() - adaln_modulate_ref(x, shift, scale).float()
     rows[-2]["max_err"] = err.abs().max().item()
     return rows
 
 
 def markdown(rows: list[dict], device_name: str, smoke: bool) -> str:
-    head = [f"Device: **{device_name}**; torch {torch.__version__}; triton {_triton_version()}; "
-            f"{platform.python_version()}." + (" Smoke run under TRITON_INTERPRET=1: times are meaningless."
-                                               if smoke else ""), "",
-            "| shape | kernel | implementation | ms | TFLOP/s | GB/s | max abs err vs reference |",
-            "|---|---|---|---:|---:|---:|---:|"]
+    head = [
+        f"Device: **{device_name}**; torch {torch.__version__}; triton {_triton_version()}; "
+        f"{platform.python_version()}."
+        + (" Smoke run under TRITON_INTERPRET=1: times are meaningless." if smoke else ""),
+        "",
+        "| shape | kernel | implementation | ms | TFLOP/s | GB/s | max abs err vs reference |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
     for r in rows:
+
         def f(key, fmt, r=r):
             return format(r[key], fmt) if r.get(key) is not None else "—"
 
         impl = r["impl"] + (f" ({r['note']})" if r.get("note") else "")
-        head.append(f"| {r['shape']} | {r['kernel']} | {impl} | {f('ms', '.4f')} | {f('tflops', '.1f')} "
-                    f"| {f('gbps', '.0f')} | {f('max_err', '.2e')} |")
+        head.append(
+            f"| {r['shape']} | {r['kernel']} | {impl} | {f('ms', '.4f')} | {f('tflops', '.1f')} "
+            f"| {f('gbps', '.0f')} | {f('max_err', '.2e')} |"
+        )
     return "\n".join(head) + "\n"
 
 
@@ -177,8 +183,10 @@ def main(argv: list[str] | None = None) -> int:
         device, shapes, name = torch.device("cpu"), SMOKE, f"CPU ({platform.processor() or platform.machine()})"
     else:
         if not torch.cuda.is_available() or interpreting():
-            p.error("the benchmark times kernels on a CUDA GPU (unset TRITON_INTERPRET); "
-                    "use --smoke with TRITON_INTERPRET=1 to check it runs elsewhere")
+            p.error(
+                "the benchmark times kernels on a CUDA GPU (unset TRITON_INTERPRET); "
+                "use --smoke with TRITON_INTERPRET=1 to check it runs elsewhere"
+            )
         device, shapes, name = torch.device("cuda"), SHAPES, torch.cuda.get_device_name()
     with torch.inference_mode() if not args.smoke else nullcontext():
         rows = run(shapes, device, args.smoke)

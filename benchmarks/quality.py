@@ -17,10 +17,9 @@ from pathlib import Path
 
 import torch
 
-from fewstep.models.images import grid
 from fewstep.models.pipeline import TextToImage
 from fewstep.training.classifier import load_classifier
-from fewstep.training.evaluate import eval_prompts, evaluate
+from fewstep.training.evaluate import evaluate, sample_grid
 
 
 def training_minutes(model: TextToImage) -> str:
@@ -32,9 +31,13 @@ def training_minutes(model: TextToImage) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", action="append", default=[], help="DIR:STEPS,STEPS,... (evaluated now)")
-    p.add_argument("--precomputed", action="append", default=[],
-                   help="DIR=EVAL_DIR: rows from an earlier `fewstep eval --out EVAL_DIR` of the model in DIR "
-                        "(its eval.json and samples_*steps.png), measured with the same n")
+    p.add_argument(
+        "--precomputed",
+        action="append",
+        default=[],
+        help="DIR=EVAL_DIR: rows from an earlier `fewstep eval --out EVAL_DIR` of the model in DIR "
+        "(its eval.json and samples_*steps.png), measured with the same n",
+    )
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--out", default="docs/results.md")
     p.add_argument("--grids", default="docs/img")
@@ -63,10 +66,9 @@ def main() -> int:
         steps = [int(s) for s in steps_s.split(",")]
         res = evaluate(model, classifier, steps, n=args.n)
         raw.append(res)
-        ep = eval_prompts(40)
         for r in res["rows"]:
             img = grids / f"{model.name}-{r['steps']}steps.png"
-            grid(model.generate(ep.prompts, ep.seeds, steps=r["steps"]), nrow=10).save(img)
+            sample_grid(model, r["steps"]).save(img)
             rows.append((model, res, r, img))
     lines = [
         "| model | method | steps | digit acc | fg acc | bg acc | FD (real floor) | ms / image | training |",
@@ -81,8 +83,11 @@ def main() -> int:
         )
     out = Path(args.out)
     rel = Path("img") if out.parent == grids.parent else grids
-    samples = "\n".join(f"**{m.name}, {r['steps']} steps** (prompts: the first 40 evaluation prompts)\n\n"
-                        f"![{m.name} {r['steps']} steps]({rel / img.name})\n" for m, _, r, img in rows)
+    samples = "\n".join(
+        f"**{m.name}, {r['steps']} steps** (prompts: the first 40 evaluation prompts)\n\n"
+        f"![{m.name} {r['steps']} steps]({rel / img.name})\n"
+        for m, _, r, img in rows
+    )
     threads = torch.get_num_threads()
     out.write_text(
         "# Results\n\n"
@@ -90,8 +95,11 @@ def main() -> int:
         f"on a CPU with {threads} threads; n = {args.n} images per row, judged by `zoo/digits-classifier`. "
         "FD: Fréchet distance between the classifier's features of generated and of real test images; the "
         "real floor is the same distance between two disjoint real sets of the same size.\n\n"
-        + "\n".join(lines) + "\n\n" + (Path(args.notes).read_text().strip() + "\n\n" if args.notes else "")
-        + "## Samples\n\n" + samples
+        + "\n".join(lines)
+        + "\n\n"
+        + (Path(args.notes).read_text().strip() + "\n\n" if args.notes else "")
+        + "## Samples\n\n"
+        + samples
     )
     if args.json:
         Path(args.json).write_text(json.dumps(raw, indent=2))

@@ -24,8 +24,6 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -37,11 +35,21 @@ class Server:
     def __init__(self, models: str, **flags):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "fewstep.cli", "serve", "--models", models, "--port", str(self.port),
-               "--log-level", "warning"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "fewstep.cli",
+            "serve",
+            "--models",
+            models,
+            "--port",
+            str(self.port),
+            "--log-level",
+            "warning",
+        ]
         for k, v in flags.items():
             cmd += [f"--{k.replace('_', '-')}", str(v)]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT)
+        self.proc = subprocess.Popen(cmd)
 
     def __enter__(self) -> Server:
         deadline = time.time() + 300
@@ -91,6 +99,7 @@ async def _throughput(url: str, payload: dict, clients: int, total: int) -> floa
     sem = asyncio.Semaphore(clients)
     transport = httpx.AsyncHTTPTransport(socket_options=NODELAY, limits=httpx.Limits(max_connections=clients))
     async with httpx.AsyncClient(base_url=url, timeout=600, transport=transport) as c:
+
         async def one(i: int) -> None:
             async with sem:
                 r = await c.post("/v1/generate", json={**payload, "seed": i})
@@ -121,10 +130,10 @@ def in_process_ms(model_dir: Path, steps: int, n: int) -> list[float]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="zoo")
+    p.add_argument("--models", default="zoo", help="models directory (default ./zoo)")
     p.add_argument("--requests", type=int, default=40, help="sequential requests per latency row")
     p.add_argument("--total", type=int, default=256, help="requests per throughput row")
-    p.add_argument("--out", default=str(ROOT / "docs" / "performance.md"))
+    p.add_argument("--out", default="docs/performance.md")
     args = p.parse_args()
 
     with Server(args.models, max_batch=32, max_wait_ms=5, queue_size=512) as on:
@@ -135,8 +144,9 @@ def main() -> int:
         for steps in (1, 2, 4):  # unnamed requests: the server routes each to the best student for its steps
             served_by, ms = latencies(on.url, {"prompt": "a red 7 on black", "steps": steps}, args.requests)
             rows.append((served_by, steps, ms))
-        served_by, ms = latencies(on.url, {"prompt": "a red 7 on black", "model": teacher["id"]},
-                                  max(5, args.requests // 4))
+        served_by, ms = latencies(
+            on.url, {"prompt": "a red 7 on black", "model": teacher["id"]}, max(5, args.requests // 4)
+        )
         rows.append((served_by, teacher["default_steps"], ms))
         one_step = {"prompt": "a red 7 on black", "steps": min(student["supported_steps"])}
         tput_on = {c: throughput(on.url, one_step, c, args.total) for c in (1, 32)}
@@ -150,11 +160,13 @@ def main() -> int:
     import torch
 
     lines = [
-        "| model | steps | p50 ms | p99 ms |", "|---|---:|---:|---:|",
+        "| model | steps | p50 ms | p99 ms |",
+        "|---|---:|---:|---:|",
         *[f"| {m} | {s} | {percentile(xs, 50):.1f} | {percentile(xs, 99):.1f} |" for m, s, xs in rows],
     ]
     summary = [
-        "| figure | value | target |", "|---|---:|---:|",
+        "| figure | value | target |",
+        "|---|---:|---:|",
         f"| teacher p50 / 1-step student p50 | {teacher_p50 / student_1:.1f}× | ≥ 40× |",
         f"| HTTP p50 / in-process p50, 1 step | {student_1 / percentile(local, 50):.2f}× "
         f"({student_1:.1f} / {percentile(local, 50):.1f} ms) | ≤ 1.2× |",
@@ -162,8 +174,10 @@ def main() -> int:
         f"| images/s, 32 clients, batching on / off | {tput_on[32]:.1f} / {tput_off[32]:.1f} | |",
         f"| 32 clients batched / serial batch-1 (1 client, batching off) | {tput_on[32] / tput_off[1]:.1f}× | ≥ 5× |",
     ]
-    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch "
-               f"{torch.__version__}, {torch.get_num_threads()} threads, no GPU")
+    machine = (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch "
+        f"{torch.__version__}, {torch.get_num_threads()} threads, no GPU"
+    )
     text = (
         "# Performance\n\n"
         f"Measured by `python benchmarks/serve.py` in one run on one machine ({machine}); the server and its "
@@ -174,7 +188,7 @@ def main() -> int:
     out = Path(args.out)
     previous = out.read_text() if out.exists() else ""
     marker = "\n## Reading these numbers"  # hand-written below the measured part: kept
-    tail = previous[previous.index(marker):] if marker in previous else ""
+    tail = previous[previous.index(marker) :] if marker in previous else ""
     out.write_text(text + tail)
     print(text)
     return 0

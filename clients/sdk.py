@@ -68,16 +68,24 @@ class GenerateResult:
         body = response.json()
         return cls(
             images=[Image(base64.b64decode(im["b64"]), im["seed"], im["format"]) for im in body["images"]],
-            model=body["model"], served_by=body["served_by"], steps=body["steps"],
-            fallback_reason=body["fallback_reason"], timings=Timings(**body["timings"]),
+            model=body["model"],
+            served_by=body["served_by"],
+            steps=body["steps"],
+            fallback_reason=body["fallback_reason"],
+            timings=Timings(**body["timings"]),
             request_id=response.headers.get("x-request-id"),
         )
 
 
 def _payload(prompt: str, steps, n, seed, guidance, model, output_format, quality) -> dict[str, Any]:
     body = {"prompt": prompt, "n": n, "output_format": output_format}
-    for key, value in (("steps", steps), ("seed", seed), ("guidance", guidance), ("model", model),
-                       ("quality", quality)):
+    for key, value in (
+        ("steps", steps),
+        ("seed", seed),
+        ("guidance", guidance),
+        ("model", model),
+        ("quality", quality),
+    ):
         if value is not None:
             body[key] = value
     return body
@@ -100,11 +108,18 @@ def _delay(response: httpx.Response, attempt: int, backoff: float) -> float:
 
 
 class FewstepClient:
-    def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, timeout: float = 60.0,
-                 max_retries: int = 3, backoff_s: float = 0.5):
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        max_retries: int = 3,
+        backoff_s: float = 0.5,
+    ):
         headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.Client(base_url=base_url, timeout=timeout, headers=headers,
-                                  transport=httpx.HTTPTransport(socket_options=NODELAY))
+        self._http = httpx.Client(
+            base_url=base_url, timeout=timeout, headers=headers, transport=httpx.HTTPTransport(socket_options=NODELAY)
+        )
         self.max_retries, self.backoff_s = max_retries, backoff_s
 
     def __enter__(self) -> FewstepClient:
@@ -126,9 +141,17 @@ class FewstepClient:
             raise _error(response)
         return response
 
-    def generate(self, prompt: str, steps: int | None = None, n: int = 1, seed: int | None = None,
-                 guidance: float | None = None, model: str | None = None, output_format: str = "png",
-                 quality: str | None = None) -> GenerateResult:
+    def generate(
+        self,
+        prompt: str,
+        steps: int | None = None,
+        n: int = 1,
+        seed: int | None = None,
+        guidance: float | None = None,
+        model: str | None = None,
+        output_format: str = "png",
+        quality: str | None = None,
+    ) -> GenerateResult:
         body = _payload(prompt, steps, n, seed, guidance, model, output_format, quality)
         return GenerateResult.from_response(self._request("POST", "/v1/generate", json=body))
 
@@ -143,11 +166,21 @@ class FewstepClient:
 
 
 class AsyncFewstepClient:
-    def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, timeout: float = 60.0,
-                 max_retries: int = 3, backoff_s: float = 0.5):
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        max_retries: int = 3,
+        backoff_s: float = 0.5,
+    ):
         headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout, headers=headers,
-                                       transport=httpx.AsyncHTTPTransport(socket_options=NODELAY))
+        self._http = httpx.AsyncClient(
+            base_url=base_url,
+            timeout=timeout,
+            headers=headers,
+            transport=httpx.AsyncHTTPTransport(socket_options=NODELAY),
+        )
         self.max_retries, self.backoff_s = max_retries, backoff_s
 
     async def __aenter__(self) -> AsyncFewstepClient:
@@ -169,9 +202,17 @@ class AsyncFewstepClient:
             raise _error(response)
         return response
 
-    async def generate(self, prompt: str, steps: int | None = None, n: int = 1, seed: int | None = None,
-                       guidance: float | None = None, model: str | None = None, output_format: str = "png",
-                       quality: str | None = None) -> GenerateResult:
+    async def generate(
+        self,
+        prompt: str,
+        steps: int | None = None,
+        n: int = 1,
+        seed: int | None = None,
+        guidance: float | None = None,
+        model: str | None = None,
+        output_format: str = "png",
+        quality: str | None = None,
+    ) -> GenerateResult:
         body = _payload(prompt, steps, n, seed, guidance, model, output_format, quality)
         return GenerateResult.from_response(await self._request("POST", "/v1/generate", json=body))
 

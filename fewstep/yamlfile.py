@@ -7,16 +7,18 @@ from typing import Any
 
 import yaml
 
+from fewstep.errors import UsageError
+
 
 def read_mapping(path: str | Path) -> dict[str, Any]:
-    """The file's top-level mapping ({} for an empty file); ValueError naming the file otherwise."""
+    """The file's top-level mapping ({} for an empty file); UsageError naming the file otherwise."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"config file not found: {path}")
+        raise UsageError(f"config file not found: {path}")
     try:
         loaded = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid YAML: {e}") from None
+        raise UsageError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(loaded, dict):
-        raise ValueError(f"{path}: expected a mapping of keys to values")
+        raise UsageError(f"{path}: expected a mapping of keys to values")
     return loaded

@@ -29,15 +29,33 @@ _LOG2E = 1.4426950408889634
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, MASK, OUT,
-    stride_qb, stride_qh, stride_ql,
-    stride_kb, stride_kh, stride_kl,
-    stride_vb, stride_vh, stride_vl,
+    Q,
+    K,
+    V,
+    MASK,
+    OUT,
+    stride_qb,
+    stride_qh,
+    stride_ql,
+    stride_kb,
+    stride_kh,
+    stride_kl,
+    stride_vb,
+    stride_vh,
+    stride_vl,
     stride_mb,
-    stride_ob, stride_ol,
-    H, LQ, LK, qk_scale,
-    HAS_MASK: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    stride_ob,
+    stride_ol,
+    H,
+    LQ,
+    LK,
+    qk_scale,
+    HAS_MASK: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
@@ -45,8 +63,11 @@ def _attn_fwd_kernel(
     offs_d = tl.arange(0, D)
     offs_n0 = tl.arange(0, BLOCK_N)
 
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :],
-                mask=(offs_m < LQ)[:, None], other=0.0)
+    q = tl.load(
+        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :],
+        mask=(offs_m < LQ)[:, None],
+        other=0.0,
+    )
     if DOT_FP32:
         q = q.to(tl.float32)
     k_base = K + b * stride_kb + h * stride_kh
@@ -83,16 +104,23 @@ def _attn_fwd_kernel(
 def _gpu_configs() -> list[triton.Config]:
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3),
-                             (128, 32, 4, 4), (64, 32, 4, 2)]
+        for bm, bn, w, s in [
+            (128, 64, 8, 3),
+            (128, 128, 8, 3),
+            (128, 64, 4, 3),
+            (64, 64, 4, 3),
+            (128, 32, 4, 4),
+            (64, 32, 4, 2),
+        ]
     ]
 
 
 _attn_fwd_tuned = triton.autotune(configs=_gpu_configs(), key=["LQ", "LK", "D", "HAS_MASK"])(_attn_fwd_kernel)
 
 
-def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     key_mask: torch.Tensor | None = None) -> torch.Tensor:
+def attention_triton(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Same contract as ``attention_ref``: q (B, H, Lq, D), k, v (B, H, Lk, D) -> (B, Lq, H·D)."""
     b, h, lq, d = q.shape
     lk = k.shape[2]
@@ -111,13 +139,27 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         mask = torch.empty(1, dtype=torch.int8, device=q.device)
     out = torch.empty(b, lq, h * d, device=q.device, dtype=q.dtype)
     args = (
-        q, k, v, mask, out,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
+        q,
+        k,
+        v,
+        mask,
+        out,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
         mask.stride(0),
-        out.stride(0), out.stride(1),
-        h, lq, lk, _LOG2E / math.sqrt(d),
+        out.stride(0),
+        out.stride(1),
+        h,
+        lq,
+        lk,
+        _LOG2E / math.sqrt(d),
     )
     # fp32 inputs get true fp32 products (as SDPA gives), not TF32; fp16/bf16 ignore the setting
     meta = {"HAS_MASK": key_mask is not None, "D": d, "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32"}
@@ -125,8 +167,7 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         # one small config: the interpreter runs programs one by one, and bf16 dots go through fp32
         block = 16 if max(lq, lk) <= 16 else 32
         grid = (triton.cdiv(lq, block), b * h)
-        _attn_fwd_kernel[grid](*args, **meta, BLOCK_M=block, BLOCK_N=block,
-                               DOT_FP32=q.dtype == torch.bfloat16)
+        _attn_fwd_kernel[grid](*args, **meta, BLOCK_M=block, BLOCK_N=block, DOT_FP32=q.dtype == torch.bfloat16)
     else:
         grid = lambda m: (triton.cdiv(lq, m["BLOCK_M"]), b * h)  # noqa: E731
         _attn_fwd_tuned[grid](*args, **meta, DOT_FP32=False)

@@ -17,10 +17,21 @@ from fewstep.kernels.runtime import interpreting
 
 @triton.jit
 def _adaln_modulate_kernel(
-    X, SHIFT, SCALE, OUT,
-    stride_xb, stride_xl, stride_sb, stride_cb, stride_ob, stride_ol,
-    L, C, eps,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    X,
+    SHIFT,
+    SCALE,
+    OUT,
+    stride_xb,
+    stride_xl,
+    stride_sb,
+    stride_cb,
+    stride_ob,
+    stride_ol,
+    L,
+    C,
+    eps,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     pid_r, b = tl.program_id(0), tl.program_id(1)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -50,9 +61,21 @@ def adaln_modulate_triton(x: torch.Tensor, shift: torch.Tensor, scale: torch.Ten
     block_r = max(1, min(16, 4096 // block_c))  # ≈ 4K fp32 lanes per program
     grid = (triton.cdiv(length, block_r), b)
     _adaln_modulate_kernel[grid](
-        x, shift, scale, out,
-        x.stride(0), x.stride(1), shift.stride(0), scale.stride(0), out.stride(0), out.stride(1),
-        length, c, eps,
-        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=1 if interpreting() else (4 if block_c <= 2048 else 8),
+        x,
+        shift,
+        scale,
+        out,
+        x.stride(0),
+        x.stride(1),
+        shift.stride(0),
+        scale.stride(0),
+        out.stride(0),
+        out.stride(1),
+        length,
+        c,
+        eps,
+        BLOCK_R=block_r,
+        BLOCK_C=block_c,
+        num_warps=1 if interpreting() else (4 if block_c <= 2048 else 8),
     )
     return out

@@ -22,12 +22,28 @@ from fewstep.kernels.runtime import interpreting
 
 @triton.jit
 def _qk_norm_rope_kernel(
-    QKV, COS, SIN, QS, KS, QS_TXT, KS_TXT, Q_OUT, K_OUT,
-    stride_b, stride_l,  # qkv strides (elements); its last dim is contiguous
-    stride_ob, stride_oh, stride_ol,  # output strides, shared by q and k
+    QKV,
+    COS,
+    SIN,
+    QS,
+    KS,
+    QS_TXT,
+    KS_TXT,
+    Q_OUT,
+    K_OUT,
+    stride_b,
+    stride_l,  # qkv strides (elements); its last dim is contiguous
+    stride_ob,
+    stride_oh,
+    stride_ol,  # output strides, shared by q and k
     stride_cl,  # cos / sin row stride
-    L, N_TXT, H, eps,
-    D: tl.constexpr, HALF: tl.constexpr, BLOCK_L: tl.constexpr,
+    L,
+    N_TXT,
+    H,
+    eps,
+    D: tl.constexpr,
+    HALF: tl.constexpr,
+    BLOCK_L: tl.constexpr,
 ):
     pid_l, head, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)  # token indices
@@ -51,8 +67,9 @@ def _qk_norm_rope_kernel(
             w_img, w_txt = KS, KS_TXT
         # per-token scales: the text tokens of a double-stream block use the text stream's weights
         w_even = tl.where(is_txt, tl.load(w_txt + 2 * j)[None, :], tl.load(w_img + 2 * j)[None, :]).to(tl.float32)
-        w_odd = tl.where(is_txt, tl.load(w_txt + 2 * j + 1)[None, :],
-                         tl.load(w_img + 2 * j + 1)[None, :]).to(tl.float32)
+        w_odd = tl.where(is_txt, tl.load(w_txt + 2 * j + 1)[None, :], tl.load(w_img + 2 * j + 1)[None, :]).to(
+            tl.float32
+        )
         ms = (tl.sum(even * even, axis=1) + tl.sum(odd * odd, axis=1)) / D
         inv = 1.0 / tl.sqrt(ms + eps)
         even = even * inv[:, None] * w_even
@@ -97,12 +114,28 @@ def qk_norm_rope_triton(
     block_l = min(128, triton.next_power_of_2(length)) if interpreting() else max(1, min(64, 8192 // d))
     grid = (triton.cdiv(length, block_l), num_heads, b)
     _qk_norm_rope_kernel[grid](
-        qkv, cos, sin, scales[0], scales[1], txt_scales[0], txt_scales[1], q, k,
-        qkv.stride(0), qkv.stride(1),
-        q.stride(0), q.stride(1), q.stride(2),
+        qkv,
+        cos,
+        sin,
+        scales[0],
+        scales[1],
+        txt_scales[0],
+        txt_scales[1],
+        q,
+        k,
+        qkv.stride(0),
+        qkv.stride(1),
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
         cos.stride(0),
-        length, n_txt, num_heads, eps,
-        D=d, HALF=d // 2, BLOCK_L=block_l,
+        length,
+        n_txt,
+        num_heads,
+        eps,
+        D=d,
+        HALF=d // 2,
+        BLOCK_L=block_l,
         num_warps=4,
     )
     v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=num_heads)[2]  # a view into qkv

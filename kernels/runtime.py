@@ -25,7 +25,7 @@ class KernelError(UsageError):
 
 
 def resolve_device(name: str, rank: int = 0) -> torch.device:
-    """"auto" (CUDA when torch sees one, else CPU), "cpu" or "cuda" -> the device; ranks spread over the GPUs."""
+    """ "auto" (CUDA when torch sees one, else CPU), "cpu" or "cuda" -> the device; ranks spread over the GPUs."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
@@ -71,12 +71,16 @@ def resolve(mode: str, device: torch.device | str) -> str:
         raise KernelError("kernels=triton but Triton is not installed (pip install triton)")
     if device.type == "cuda":
         if interpreting():
-            raise KernelError("kernels=triton on CUDA with TRITON_INTERPRET=1: the interpreter runs on CPU "
-                              "tensors only; unset TRITON_INTERPRET")
+            raise KernelError(
+                "kernels=triton on CUDA with TRITON_INTERPRET=1: the interpreter runs on CPU "
+                "tensors only; unset TRITON_INTERPRET"
+            )
         return "triton"
     if device.type == "cpu":
         if not interpreting():
-            raise KernelError("kernels=triton on a CPU needs Triton's interpreter: set TRITON_INTERPRET=1 "
-                              "(slow; for tests), or use kernels=torch / auto")
+            raise KernelError(
+                "kernels=triton on a CPU needs Triton's interpreter: set TRITON_INTERPRET=1 "
+                "(slow; for tests), or use kernels=torch / auto"
+            )
         return "triton"
     raise KernelError(f"kernels=triton runs on CUDA (or CPU with TRITON_INTERPRET=1), not on {device.type}")

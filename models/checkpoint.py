@@ -6,17 +6,35 @@
 
 Loading verifies the card, each file's size and sha256, and every tensor's shape, and reports the first
 problem as one CheckpointError naming the file, never as a stack trace from inside torch.
-Saving never overwrites an existing checkpoint unless asked, and writes through a temporary directory, so
-a crash leaves either the old checkpoint or the new one.
+
+Saving never overwrites an existing checkpoint unless asked, and is crash-safe: a crash (or an exception) at
+any point of a save leaves the old checkpoint or the new one whole, never a mix and never neither, and the
+next read_card or save_checkpoint puts it back in place. A save of ``my-model`` goes in three steps:
+
+1. stage: write every file into the sibling ``.my-model.new`` (a stale one is removed first), fsync each,
+   and write card.json last and atomically (``card.json.part``, fsync, ``os.replace``). A staging
+   directory holding a card.json is therefore complete.
+2. commit: rename ``my-model`` to ``.my-model.old`` (if there is one), then ``.my-model.new`` to ``my-model``.
+3. clean up: remove ``.my-model.old``.
+
+``recover`` repairs what a crash leaves behind with one rule: if ``my-model`` is missing, move the complete
+``.my-model.new`` into its place, or else ``.my-model.old``; then delete whatever ``.new`` and ``.old`` are
+left. So a save whose old checkpoint was already moved aside (or, for a first save, whose card.json was
+written) is finished; one interrupted earlier is dropped and the old checkpoint stays.
+When nothing needs recovering, recovery writes nothing (a read-only models directory is fine).
+Saves hold an advisory lock (flock) on the parent directory, and recovery takes it before touching anything,
+so a reader never mistakes a save in progress for a crash's leftovers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
+import os
 import shutil
-import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,6 +44,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from fewstep import __version__
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; saving and reading one checkpoint at a time is then up to the caller
+    fcntl = None  # type: ignore[assignment]
 
 CARD = "card.json"
 FORMAT_VERSION = 1
@@ -70,6 +93,40 @@ class Sampling(BaseModel):
         return sorted(int(k) for k in self.timesteps)
 
 
+class EvalRow(BaseModel):
+    """One measured row of the colored-digits benchmark (``fewstep eval``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    steps: int = Field(ge=1)
+    digit_accuracy: float = Field(ge=0, le=1)
+    fg_accuracy: float = Field(ge=0, le=1)
+    bg_accuracy: float = Field(ge=0, le=1)
+    fd: float = Field(ge=0)  # Fréchet distance in the judge's feature space
+    ms_per_image: float = Field(ge=0)
+
+
+class Evaluation(BaseModel):
+    """What ``fewstep eval --write-card`` measured; routing reads it (never hand-written)."""
+
+    model_config = ConfigDict(extra="forbid")
+    benchmark: str = "colored-digits"
+    n: int = Field(ge=2)
+    guidance: float
+    real_floor_fd: float  # the real-vs-real Fréchet distance at the same n: FD moves with n
+    judge: TeacherRef  # the classifier: name and sha256 of its weights
+    data: str
+    device: str
+    rows: list[EvalRow] = Field(min_length=1)
+    # a student serves the step counts whose digit and color accuracies all reach min_accuracy; None: a teacher
+    min_accuracy: float | None = Field(default=None, ge=0, le=1)
+    serves_steps: list[int] | None = None
+    command: str
+    created: str = Field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+
+    def fd_at(self, steps: int) -> float | None:
+        return next((r.fd for r in self.rows if r.steps == steps), None)
+
+
 class Card(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
     format_version: int = FORMAT_VERSION
@@ -82,9 +139,19 @@ class Card(BaseModel):
     training: dict[str, Any] = Field(default_factory=dict)  # method, hyperparameters, duration_s, ...
     teacher: TeacherRef | None = None
     data: dict[str, Any] = Field(default_factory=dict)
-    metrics: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)  # training-time measurements (autoencoder, judge)
+    evaluation: Evaluation | None = None  # the benchmark, written by `fewstep eval --write-card`
     fewstep_version: str = __version__
     created: str = Field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+
+    def serves_steps(self) -> list[int]:
+        """The step counts a student serves: measured and passed (``evaluation``), else those it was exported
+        for. A teacher serves any count its sampling allows (an empty list here)."""
+        if self.role != "student" or self.sampling is None:
+            return []
+        if self.evaluation is not None and self.evaluation.serves_steps is not None:
+            return sorted(self.evaluation.serves_steps)
+        return self.sampling.supported_steps()
 
 
 def sha256_file(path: Path) -> str:
@@ -97,6 +164,7 @@ def sha256_file(path: Path) -> str:
 
 def read_card(directory: str | Path) -> Card:
     directory = Path(directory)
+    recover(directory)
     path = directory / CARD
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: no such checkpoint directory")
@@ -168,6 +236,115 @@ def state_to_save(module: torch.nn.Module, dtype: str) -> dict[str, torch.Tensor
     }
 
 
+def _siblings(directory: Path) -> tuple[Path, Path]:
+    """The staging directory and the set-aside old checkpoint of ``directory``."""
+    return directory.parent / f".{directory.name}.new", directory.parent / f".{directory.name}.old"
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make renames and new entries in ``path`` durable; best effort (not every OS can open a directory)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_text(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+@contextlib.contextmanager
+def _lock(parent: Path, blocking: bool = True) -> Iterator[bool]:
+    """Hold an exclusive flock on ``parent`` (the directory holding checkpoints); yield whether it is held.
+
+    Only ``blocking=False`` can yield False (someone else holds it). Where flock is unavailable (no fcntl,
+    a filesystem without it) this yields True and locks nothing.
+    """
+    fd = None
+    held = True
+    if fcntl is not None:
+        with contextlib.suppress(OSError):
+            fd = os.open(parent, os.O_RDONLY)
+    if fd is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            held = False
+        except OSError:
+            pass  # no flock on this filesystem: go on unlocked
+    try:
+        yield held
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock
+
+
+def recover(directory: str | Path) -> None:
+    """Repair what an interrupted save of ``directory`` left behind (the rule is in the module docstring).
+
+    Writes nothing when there is nothing to repair. While another process is saving beside ``directory``
+    leftovers are left alone unless ``directory`` is missing, in which case this waits for that save.
+    Raises CheckpointError when ``directory`` is missing and cannot be restored from what the save left.
+    """
+    directory = Path(directory)
+    new, old = _siblings(directory)
+    if not (os.path.lexists(new) or os.path.lexists(old)):
+        return
+    with _lock(directory.parent, blocking=False) as held:
+        if held:
+            _recover(directory)
+            return
+    if not os.path.lexists(directory):
+        with _lock(directory.parent):
+            _recover(directory)
+
+
+def _recover(directory: Path) -> None:
+    """``recover`` with the lock held."""
+    new, old = _siblings(directory)
+    if not os.path.lexists(directory):
+        source = new if (new / CARD).is_file() else old if os.path.lexists(old) else None
+        if source is not None:
+            try:
+                os.rename(source, directory)
+            except OSError as e:
+                raise CheckpointError(
+                    f"{directory}: missing; an interrupted save left {source.name} beside it, "
+                    f"which cannot be moved into place ({e.strerror or e})"
+                ) from None
+            _fsync_dir(directory.parent)
+    for leftover in (new, old):
+        if os.path.lexists(leftover):
+            with contextlib.suppress(OSError):  # best effort: the checkpoint in place is whole either way
+                _remove(leftover)
+
+
+def _refuse_to_overwrite(directory: Path, overwrite: bool) -> None:
+    if directory.exists() and any(directory.iterdir()) and not overwrite:
+        raise CheckpointError(f"{directory}: already exists and is not empty (pass overwrite to replace it)")
+
+
 def save_checkpoint(
     directory: str | Path,
     card: dict[str, Any],
@@ -178,32 +355,65 @@ def save_checkpoint(
 ) -> Card:
     """Write ``weights`` (file name -> module) and ``texts`` (file name -> contents) plus the card.
 
-    ``card`` holds every Card field except ``files``, which is computed here.
+    ``card`` holds every Card field except ``files``, which is computed here. Crash-safe: see the module
+    docstring.
     """
     directory = Path(directory)
-    if directory.exists() and any(directory.iterdir()) and not overwrite:
-        raise CheckpointError(f"{directory}: already exists and is not empty (pass overwrite to replace it)")
+    texts = texts or {}
+    recover(directory)
+    _refuse_to_overwrite(directory, overwrite)
     if dtype not in DTYPES:
         raise CheckpointError(f"export dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
+    Card.model_validate({**card, "files": {}})  # a bad card fails here, before anything is written
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
-        files: dict[str, FileEntry] = {}
+    new, old = _siblings(directory)
+    with _lock(directory.parent):
+        _recover(directory)
+        _refuse_to_overwrite(directory, overwrite)  # again: another process may have saved meanwhile
+        if os.path.lexists(new):
+            _remove(new)  # a stale staging directory recovery could not remove
+        # 1. stage
+        new.mkdir()
+        new.chmod(0o755)
         for name, module in weights.items():
-            save_file(state_to_save(module, dtype), str(tmp / name))
-        for name, text in (texts or {}).items():
-            (tmp / name).write_text(text)
-        for path in sorted(tmp.iterdir()):
-            path.chmod(0o644)  # mkdtemp and safetensors create owner-only files; a checkpoint is for sharing
-            files[path.name] = FileEntry(sha256=sha256_file(path), bytes=path.stat().st_size)
+            save_file(state_to_save(module, dtype), str(new / name))
+            _fsync_file(new / name)
+        for name, text in texts.items():
+            _write_text(new / name, text)
+        files: dict[str, FileEntry] = {}
+        for name in sorted({*weights, *texts}):
+            path = new / name
+            path.chmod(0o644)  # safetensors may create owner-only files; a checkpoint is for sharing
+            files[name] = FileEntry(sha256=sha256_file(path), bytes=path.stat().st_size)
         validated = Card.model_validate({**card, "files": files})
-        (tmp / CARD).write_text(validated.model_dump_json(indent=2) + "\n")
-        (tmp / CARD).chmod(0o644)
-        tmp.chmod(0o755)
-        if directory.exists():
-            shutil.rmtree(directory)
-        tmp.rename(directory)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        part = new / f"{CARD}.part"
+        _write_text(part, validated.model_dump_json(indent=2) + "\n")
+        part.chmod(0o644)
+        os.replace(part, new / CARD)  # from here the staging directory is complete
+        _fsync_dir(new)
+        # 2. commit
+        if os.path.lexists(directory):
+            os.rename(directory, old)  # the commit point: from here recovery finishes this save
+        os.rename(new, directory)
+        _fsync_dir(directory.parent)
+        # 3. clean up
+        with contextlib.suppress(OSError):  # the save is done; recovery removes what is left
+            _remove(old)
     return validated
+
+
+def update_card(directory: str | Path, **changes: Any) -> Card:
+    """Rewrite only the card of a checkpoint (``fewstep eval --write-card``): the weights stay as they are, their
+    sizes and hashes are checked first, and the new card replaces the old in one atomic rename."""
+    directory = Path(directory)
+    card = read_card(directory)
+    for name in card.files:
+        verify_file(directory, card, name)
+    updated = Card.model_validate({**card.model_dump(), **changes})
+    with _lock(directory.parent):
+        part = directory / f"{CARD}.part"
+        _write_text(part, updated.model_dump_json(indent=2) + "\n")
+        part.chmod(0o644)
+        os.replace(part, directory / CARD)
+        _fsync_dir(directory)
+    return updated

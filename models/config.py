@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from fewstep.errors import UsageError
+
 
 @dataclass(frozen=True)
 class AutoencoderConfig:
@@ -127,8 +129,14 @@ VARIANTS: dict[str, ModelConfig] = {
     "tiny-pixel": ModelConfig(
         name="tiny-pixel",
         transformer=TransformerConfig(
-            in_channels=3, patch_size=4, hidden_size=32, num_heads=2, depth_double=1, depth_single=1,
-            axes_dim=(4, 6, 6), mlp_ratio=2.0,
+            in_channels=3,
+            patch_size=4,
+            hidden_size=32,
+            num_heads=2,
+            depth_double=1,
+            depth_single=1,
+            axes_dim=(4, 6, 6),
+            mlp_ratio=2.0,
         ),
         text=TextEncoderConfig(dim=16, depth=1, heads=2),
         autoencoder=None,
@@ -148,4 +156,4 @@ def get_variant(name: str) -> ModelConfig:
     try:
         return VARIANTS[name]
     except KeyError:
-        raise ValueError(f"unknown model variant {name!r}; known: {sorted(VARIANTS)}") from None
+        raise UsageError(f"unknown model variant {name!r}; known: {sorted(VARIANTS)}") from None

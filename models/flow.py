@@ -55,8 +55,9 @@ def consistency_coefficients(t: torch.Tensor, sigma_data: float = 0.5, scale: fl
     return c_skip, c_out
 
 
-def consistency_function(x_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor, sigma_data: float = 0.5,
-                         scale: float = 1000.0) -> torch.Tensor:
+def consistency_function(
+    x_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor, sigma_data: float = 0.5, scale: float = 1000.0
+) -> torch.Tensor:
     """f(x, t) = c_skip(t)·x + c_out(t)·x̂0(x, t), with x̂0 = x − t·v from the velocity network."""
     c_skip, c_out = consistency_coefficients(t, sigma_data, scale)
     shape = (-1, *([1] * (x_t.dim() - 1)))

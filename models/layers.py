@@ -99,9 +99,17 @@ class DoubleStreamBlock(nn.Module):
         txt_qkv = self.txt_attn.qkv(ops.modulate(txt, txt_mod1.shift, txt_mod1.scale, kb))  # (B, Lt, 3C)
         n_txt = txt.shape[1]
         q, k, v = ops.qk_norm_rope(
-            torch.cat([txt_qkv, img_qkv], dim=1), cos, sin,
-            self.img_attn.norm.q_scale, self.img_attn.norm.k_scale, self.num_heads, self.eps,
-            n_txt, self.txt_attn.norm.q_scale, self.txt_attn.norm.k_scale, backend=kb,
+            torch.cat([txt_qkv, img_qkv], dim=1),
+            cos,
+            sin,
+            self.img_attn.norm.q_scale,
+            self.img_attn.norm.k_scale,
+            self.num_heads,
+            self.eps,
+            n_txt,
+            self.txt_attn.norm.q_scale,
+            self.txt_attn.norm.k_scale,
+            backend=kb,
         )  # (B, H, Lt + Li, D)
         attn = ops.attention(q, k, v, key_mask, kb)  # (B, Lt + Li, C)
         txt_out, img_out = attn[:, :n_txt], attn[:, n_txt:]
@@ -133,8 +141,9 @@ class SingleStreamBlock(nn.Module):
         mod, _ = self.modulation(vec)
         modulated = ops.modulate(x, mod.shift, mod.scale, kb)
         qkv, mlp = self.linear1(modulated).split([3 * self.dim, self.mlp_hidden], -1)  # qkv: a strided view
-        q, k, v = ops.qk_norm_rope(qkv, cos, sin, self.norm.q_scale, self.norm.k_scale, self.num_heads, self.eps,
-                                   backend=kb)
+        q, k, v = ops.qk_norm_rope(
+            qkv, cos, sin, self.norm.q_scale, self.norm.k_scale, self.num_heads, self.eps, backend=kb
+        )
         attn = ops.attention(q, k, v, key_mask, kb)  # (B, L, C)
         out = self.linear2(torch.cat([attn, nn.functional.gelu(mlp, approximate="tanh")], dim=-1))
         return x + mod.gate * out

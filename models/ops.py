@@ -21,8 +21,9 @@ def _triton(backend: str, *tensors: torch.Tensor | None) -> bool:
     return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
 
 
-def qk_norm_rope(qkv, cos, sin, q_scale, k_scale, num_heads, eps, n_txt=0, q_scale_txt=None, k_scale_txt=None,
-                 backend: str = "torch"):
+def qk_norm_rope(
+    qkv, cos, sin, q_scale, k_scale, num_heads, eps, n_txt=0, q_scale_txt=None, k_scale_txt=None, backend: str = "torch"
+):
     """(B, L, 3·H·D) -> q, k, v (B, H, L, D): per-head RMSNorm of q and k, then RoPE."""
     if _triton(backend, qkv, q_scale, k_scale, q_scale_txt, k_scale_txt):
         from fewstep.kernels.qk_norm_rope_triton import qk_norm_rope_triton
@@ -31,8 +32,9 @@ def qk_norm_rope(qkv, cos, sin, q_scale, k_scale, num_heads, eps, n_txt=0, q_sca
     return qk_norm_rope_ref(qkv, cos, sin, q_scale, k_scale, num_heads, eps, n_txt, q_scale_txt, k_scale_txt)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
-              backend: str = "torch") -> torch.Tensor:
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, backend: str = "torch"
+) -> torch.Tensor:
     """(B, H, L, D) ×3 -> (B, L, H·D)."""
     if _triton(backend, q, k, v):
         from fewstep.kernels.attention_triton import attention_triton

@@ -23,8 +23,12 @@ from fewstep.models.mmdit import MMDiT
 from fewstep.models.sampling import sample_euler, sample_x0, seeded_noise, velocity_denoiser
 from fewstep.models.text import TextCond, TextEncoder, Tokenizer
 
+MAX_STUDENT_STEPS = 8  # a student samples any count up to this on the uniform grid; it serves what was measured
 TRANSFORMER, TEXT_ENCODER, AUTOENCODER, TOKENIZER = (
-    "transformer.safetensors", "text_encoder.safetensors", "autoencoder.safetensors", "tokenizer.json"
+    "transformer.safetensors",
+    "text_encoder.safetensors",
+    "autoencoder.safetensors",
+    "tokenizer.json",
 )
 
 
@@ -118,17 +122,36 @@ class TextToImage:
 
     # ---- sampling ---------------------------------------------------------------------------------------
     def grid(self, steps: int) -> list[float]:
-        """The time grid for ``steps``: listed in the card, or from the schedule for a teacher."""
+        """The time grid for ``steps``: listed in the card; else the teacher's schedule; else, for a student, the
+        uniform grid (a flow or consistency student runs any step count; which counts it *serves* is measured:
+        Card.serves_steps)."""
         s = self.sampling
         if str(steps) in s.timesteps:
             return s.timesteps[str(steps)]
         if s.any_steps and 1 <= steps <= s.max_steps:
             return make_timesteps(steps, s.schedule, s.shift)
-        raise ValueError(f"{self.name} supports steps {s.supported_steps()}, not {steps}")
+        if self._is_student and 1 <= steps <= MAX_STUDENT_STEPS:
+            return make_timesteps(steps)
+        raise ValueError(f"{self.name} supports steps {self.supported_steps()}, not {steps}")
 
     def supports(self, steps: int) -> bool:
+        """Whether ``steps`` can be sampled (see grid)."""
         s = self.sampling
-        return str(steps) in s.timesteps or (s.any_steps and 1 <= steps <= s.max_steps)
+        return (
+            str(steps) in s.timesteps
+            or (s.any_steps and 1 <= steps <= s.max_steps)
+            or (self._is_student and 1 <= steps <= MAX_STUDENT_STEPS)
+        )
+
+    def supported_steps(self) -> str:
+        s = self.sampling
+        if s.any_steps:
+            return f"1-{s.max_steps}"
+        return f"1-{MAX_STUDENT_STEPS}" if self._is_student else str(s.supported_steps())
+
+    @property
+    def _is_student(self) -> bool:
+        return self.card is not None and self.card.role == "student"
 
     def encode_text(self, prompts: Sequence[str]) -> TextCond:
         ids, mask = self.tokenizer.encode(list(prompts))
@@ -156,8 +179,9 @@ class TextToImage:
         return guided
 
     @torch.no_grad()
-    def generate_latents(self, prompts: Sequence[str], seeds: Sequence[int], steps: int | None = None,
-                         guidance: float | None = None) -> torch.Tensor:
+    def generate_latents(
+        self, prompts: Sequence[str], seeds: Sequence[int], steps: int | None = None, guidance: float | None = None
+    ) -> torch.Tensor:
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         steps = self.sampling.default_steps if steps is None else steps
@@ -181,17 +205,20 @@ class TextToImage:
         return latents if self.autoencoder is None else self.autoencoder.decode(latents)
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[str], seeds: Sequence[int], steps: int | None = None,
-                 guidance: float | None = None) -> torch.Tensor:
+    def generate(
+        self, prompts: Sequence[str], seeds: Sequence[int], steps: int | None = None, guidance: float | None = None
+    ) -> torch.Tensor:
         """-> images (B, 3, H, W) in [-1, 1] (clamped). Same (prompt, steps, seed) -> same image in any batch."""
         return self.decode(self.generate_latents(prompts, seeds, steps, guidance)).clamp(-1, 1)
 
     # ---- checkpoint I/O ---------------------------------------------------------------------------------
-    def save(self, directory: str | Path, card: dict[str, Any], dtype: str = "float16",
-             overwrite: bool = False) -> Card:
+    def save(
+        self, directory: str | Path, card: dict[str, Any], dtype: str = "float16", overwrite: bool = False
+    ) -> Card:
         card = {**card, "model": self.config.to_dict()}
-        self.card = save_checkpoint(directory, card, self.modules(), {TOKENIZER: self.tokenizer.to_json()},
-                                    dtype=dtype, overwrite=overwrite)
+        self.card = save_checkpoint(
+            directory, card, self.modules(), {TOKENIZER: self.tokenizer.to_json()}, dtype=dtype, overwrite=overwrite
+        )
         return self.card
 
     @classmethod

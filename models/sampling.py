@@ -61,5 +61,3 @@ def velocity_denoiser(velocity_fn: VelocityFn) -> DenoiseFn:
     from fewstep.models.flow import x0_from_velocity
 
     return lambda x, t: x0_from_velocity(x, velocity_fn(x, t), t)
-
-

@@ -38,15 +38,28 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
         self.headers = headers or {}
 
 
-def error_response(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                   code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(
+    status: int,
+    message: str,
+    type_: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
     body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
 
@@ -62,8 +75,9 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         length = dict(scope.get("headers", [])).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.limit):
-            return await error_response(413, f"request body is larger than {self.limit} bytes",
-                                        code="body_too_large")(scope, receive, send)
+            return await error_response(413, f"request body is larger than {self.limit} bytes", code="body_too_large")(
+                scope, receive, send
+            )
         seen = 0
 
         async def limited() -> dict:
@@ -93,16 +107,21 @@ def create_app(settings: ServeSettings, registry: Registry | None = None) -> Fas
 
         device = resolve_device(settings.device)
         resolve(settings.kernels, device)  # a forced "triton" that cannot run here fails now, naming why
-        registry = executor.submit(Registry.scan, settings.models, device, settings.default_model,
-                                   settings.kernels).result()
+        registry = executor.submit(
+            Registry.scan, settings.models, device, settings.default_model, settings.kernels
+        ).result()
     engine = Engine(registry, settings, metrics, executor)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await engine.start()
         kernels = sorted({e.model.kernels for e in registry.models.values() if e.model is not None})
-        log.info("serving %s (default %s; kernels %s)", sorted(registry.models), registry.default,
-                 "/".join(kernels) or "none")
+        log.info(
+            "serving %s (default %s; kernels %s)",
+            sorted(registry.models),
+            registry.default,
+            "/".join(kernels) or "none",
+        )
         yield
         await engine.stop()
 
@@ -158,60 +177,123 @@ def create_app(settings: ServeSettings, registry: Registry | None = None) -> Fas
     async def list_models():
         data = []
         for m in registry.models.values():
-            data.append({
-                "id": m.name, "object": "model", "owned_by": "fewstep", "role": m.role,
-                "supported_steps": m.supported_steps() if m.role == "student" else None,
-                "default_steps": m.card.sampling.default_steps if m.card and m.card.sampling else None,
-                "max_steps": settings.max_teacher_steps if m.role == "teacher" else None,
-                "teacher": m.teacher, "native_size": _size(m), "ready": m.ready, "error": m.error,
-                "default": m.name == registry.default,
-            })
+            data.append(
+                {
+                    "id": m.name,
+                    "object": "model",
+                    "owned_by": "fewstep",
+                    "role": m.role,
+                    "supported_steps": m.supported_steps() if m.role == "student" else None,
+                    "default_steps": m.card.sampling.default_steps if m.card and m.card.sampling else None,
+                    "max_steps": settings.max_teacher_steps if m.role == "teacher" else None,
+                    "teacher": m.teacher,
+                    "native_size": _size(m),
+                    "ready": m.ready,
+                    "error": m.error,
+                    "default": m.name == registry.default,
+                }
+            )
         return {"object": "list", "data": data}
 
     @app.post("/v1/generate")
     async def generate(request: Request):
         body = await _parse(request, GenerateRequest)
-        result, encoded, t = await _run(request, body.model, body.prompt, body.steps, body.n, body.seed,
-                                        body.guidance, body.quality == "teacher", body.output_format, "generate")
-        timings = {"queue_ms": result.queue_ms, "inference_ms": result.inference_ms, "encode_ms": t["encode_ms"],
-                   "total_ms": 1000 * (time.perf_counter() - t["start"])}
+        result, encoded, t = await _run(
+            request,
+            body.model,
+            body.prompt,
+            body.steps,
+            body.n,
+            body.seed,
+            body.guidance,
+            body.quality == "teacher",
+            body.output_format,
+            "generate",
+        )
+        timings = {
+            "queue_ms": result.queue_ms,
+            "inference_ms": result.inference_ms,
+            "encode_ms": t["encode_ms"],
+            "total_ms": 1000 * (time.perf_counter() - t["start"]),
+        }
         if body.n == 1 and "image/" + body.output_format in request.headers.get("accept", ""):
-            return Response(encoded[0], media_type="image/" + body.output_format, headers={
-                "x-served-by": result.served_by, "x-fallback-reason": result.fallback_reason or "",
-                "x-seed": str(result.seeds[0]), "x-steps": str(result.steps),
-                "x-timings": json.dumps({k: round(v, 2) for k, v in timings.items()})})
+            return Response(
+                encoded[0],
+                media_type="image/" + body.output_format,
+                headers={
+                    "x-served-by": result.served_by,
+                    "x-fallback-reason": result.fallback_reason or "",
+                    "x-seed": str(result.seeds[0]),
+                    "x-steps": str(result.steps),
+                    "x-timings": json.dumps({k: round(v, 2) for k, v in timings.items()}),
+                },
+            )
         return GenerateResponse(
-            images=[{"b64": base64.b64encode(b).decode(), "seed": s, "format": body.output_format}
-                    for b, s in zip(encoded, result.seeds, strict=True)],
-            model=body.model or registry.default, served_by=result.served_by, steps=result.steps,
-            fallback_reason=result.fallback_reason, batch_images=result.batch_images, timings=timings,
+            images=[
+                {"b64": base64.b64encode(b).decode(), "seed": s, "format": body.output_format}
+                for b, s in zip(encoded, result.seeds, strict=True)
+            ],
+            model=body.model or registry.default,
+            served_by=result.served_by,
+            steps=result.steps,
+            fallback_reason=result.fallback_reason,
+            batch_images=result.batch_images,
+            timings=timings,
         )
 
     @app.post("/v1/images/generations")
     async def images_generations(request: Request):
         body = await _parse(request, ImagesRequest)
         if body.response_format == "url":
-            raise APIError(400, "response_format 'url' is not supported: images are not stored; use b64_json",
-                           param="response_format", code="unsupported_value")
+            raise APIError(
+                400,
+                "response_format 'url' is not supported: images are not stored; use b64_json",
+                param="response_format",
+                code="unsupported_value",
+            )
         name = body.model or registry.default
         entry = registry.models.get(name)
         native = _size(entry) if entry else None
         if body.size not in (None, "auto", native):
-            raise APIError(400, f"size {body.size!r} is not supported: {name} generates {native} images",
-                           param="size", code="unsupported_value")
+            raise APIError(
+                400,
+                f"size {body.size!r} is not supported: {name} generates {native} images",
+                param="size",
+                code="unsupported_value",
+            )
         quality = body.quality or "auto"
         fmt = body.output_format or "png"
-        result, encoded, _ = await _run(request, body.model, body.prompt, QUALITY_STEPS[quality], body.n, body.seed,
-                                        None, quality == "teacher", fmt, "images", body.output_compression)
-        return JSONResponse({
-            "created": int(time.time()),
-            "data": [{"b64_json": base64.b64encode(b).decode(), "revised_prompt": None} for b in encoded],
-            "output_format": fmt, "size": native, "quality": quality,
-        }, headers={"x-served-by": result.served_by, "x-fallback-reason": result.fallback_reason or "",
-                    "x-steps": str(result.steps)})
+        result, encoded, _ = await _run(
+            request,
+            body.model,
+            body.prompt,
+            QUALITY_STEPS[quality],
+            body.n,
+            body.seed,
+            None,
+            quality == "teacher",
+            fmt,
+            "images",
+            body.output_compression,
+        )
+        return JSONResponse(
+            {
+                "created": int(time.time()),
+                "data": [{"b64_json": base64.b64encode(b).decode(), "revised_prompt": None} for b in encoded],
+                "output_format": fmt,
+                "size": native,
+                "quality": quality,
+            },
+            headers={
+                "x-served-by": result.served_by,
+                "x-fallback-reason": result.fallback_reason or "",
+                "x-steps": str(result.steps),
+            },
+        )
 
-    async def _run(request: Request, model, prompt, steps, n, seed, guidance, want_teacher, fmt, endpoint,
-                   compression=None) -> tuple[Result, list[bytes], dict]:
+    async def _run(
+        request: Request, model, prompt, steps, n, seed, guidance, want_teacher, fmt, endpoint, compression=None
+    ) -> tuple[Result, list[bytes], dict]:
         start = time.perf_counter()
         status, served, served_steps = "error", model or registry.default, steps
         try:
@@ -223,14 +305,26 @@ def create_app(settings: ServeSettings, registry: Registry | None = None) -> Fas
             except BadRequest as e:
                 raise APIError(e.status, str(e), param=e.param, code=e.code) from None
             except NotServable as e:
-                raise APIError(503, str(e), "server_error", code="model_unavailable",
-                               headers={"Retry-After": str(settings.retry_after_s)}) from None
+                raise APIError(
+                    503,
+                    str(e),
+                    "server_error",
+                    code="model_unavailable",
+                    headers={"Retry-After": str(settings.retry_after_s)},
+                ) from None
             served = entry.name
             base = random.randrange(0, 2**31) if seed is None else seed
             if base + n - 1 > 2**53 - 1:
                 raise APIError(400, "seed + n - 1 must be at most 2**53 - 1", param="seed", code="invalid_value")
-            job = Job(model=entry.name, requested=model or registry.default, prompt=prompt, steps=served_steps,
-                      guidance=guidance, seeds=[base + i for i in range(n)], fallback_reason=reason)
+            job = Job(
+                model=entry.name,
+                requested=model or registry.default,
+                prompt=prompt,
+                steps=served_steps,
+                guidance=guidance,
+                seeds=[base + i for i in range(n)],
+                fallback_reason=reason,
+            )
             result = await _await_job(request, job)
             t0 = time.perf_counter()
             quality = 95 if compression is None else compression
@@ -241,8 +335,9 @@ def create_app(settings: ServeSettings, registry: Registry | None = None) -> Fas
             status = str(e.status)
             raise
         finally:
-            metrics.request_latency.labels(endpoint=endpoint, model=served, steps=str(served_steps),
-                                           status=status).observe(time.perf_counter() - start)
+            metrics.request_latency.labels(
+                endpoint=endpoint, model=served, steps=str(served_steps), status=status
+            ).observe(time.perf_counter() - start)
 
     async def _await_job(request: Request, job: Job) -> Result:
         """Wait for the job; give up on a timeout (504) or when the client goes away (dropped unrun)."""
@@ -258,18 +353,32 @@ def create_app(settings: ServeSettings, registry: Registry | None = None) -> Fas
                     raise APIError(499, "client disconnected", code="client_disconnected")
                 if time.perf_counter() > deadline:
                     job.cancelled = True
-                    raise APIError(504, f"request did not finish within {settings.request_timeout_s} s",
-                                   "server_error", code="timeout")
+                    raise APIError(
+                        504,
+                        f"request did not finish within {settings.request_timeout_s} s",
+                        "server_error",
+                        code="timeout",
+                    )
         except asyncio.CancelledError:  # the server cancelled the handler: the client has gone
             job.cancelled = True
             metrics.errors.labels(type="client_disconnected").inc()
             raise
         except QueueFull:
-            raise APIError(429, "the queue is full; retry later", "rate_limit_error", code="queue_full",
-                           headers={"Retry-After": str(settings.retry_after_s)}) from None
+            raise APIError(
+                429,
+                "the queue is full; retry later",
+                "rate_limit_error",
+                code="queue_full",
+                headers={"Retry-After": str(settings.retry_after_s)},
+            ) from None
         except NotServable as e:
-            raise APIError(503, str(e), "server_error", code="model_unavailable",
-                           headers={"Retry-After": str(settings.retry_after_s)}) from None
+            raise APIError(
+                503,
+                str(e),
+                "server_error",
+                code="model_unavailable",
+                headers={"Retry-After": str(settings.retry_after_s)},
+            ) from None
         finally:
             if not task.done():
                 task.cancel()
@@ -306,8 +415,12 @@ class RequestContext:
             auth = headers.get("authorization", "")
             if not (auth.startswith("Bearer ") and auth[7:] in self.settings.api_keys):
                 self.metrics.errors.labels(type="unauthorized").inc()
-                resp = error_response(401, "missing or invalid API key (Authorization: Bearer KEY)",
-                                      "authentication_error", code="invalid_api_key")
+                resp = error_response(
+                    401,
+                    "missing or invalid API key (Authorization: Bearer KEY)",
+                    "authentication_error",
+                    code="invalid_api_key",
+                )
                 return await resp(scope, receive, send_with_id)
         self.metrics.in_flight.inc()
         start = time.perf_counter()
@@ -315,8 +428,14 @@ class RequestContext:
             await self.app(scope, receive, send_with_id)
         finally:
             self.metrics.in_flight.dec()
-            log.info("request_id=%s method=%s path=%s status=%s ms=%.1f", rid, scope.get("method"), path,
-                     status["code"], 1000 * (time.perf_counter() - start))
+            log.info(
+                "request_id=%s method=%s path=%s status=%s ms=%.1f",
+                rid,
+                scope.get("method"),
+                path,
+                status["code"],
+                1000 * (time.perf_counter() - start),
+            )
 
 
 async def _parse(request: Request, model: type[BaseModel]) -> BaseModel:
@@ -355,8 +474,9 @@ def _check_prompt(prompt: str, settings: ServeSettings) -> None:
     if not prompt.strip():
         raise APIError(400, "prompt must not be empty", param="prompt", code="invalid_value")
     if len(prompt) > settings.max_prompt_chars:
-        raise APIError(400, f"prompt must be at most {settings.max_prompt_chars} characters", param="prompt",
-                       code="invalid_value")
+        raise APIError(
+            400, f"prompt must be at most {settings.max_prompt_chars} characters", param="prompt", code="invalid_value"
+        )
 
 
 def _size(entry) -> str | None:

@@ -86,8 +86,9 @@ def device_executor() -> ThreadPoolExecutor:
 
 
 class Engine:
-    def __init__(self, registry: Registry, settings: ServeSettings, metrics: Metrics,
-                 executor: ThreadPoolExecutor | None = None):
+    def __init__(
+        self, registry: Registry, settings: ServeSettings, metrics: Metrics, executor: ThreadPoolExecutor | None = None
+    ):
         self.registry, self.settings, self.metrics = registry, settings, metrics
         self.breaker = CircuitBreaker(settings.breaker_threshold, settings.breaker_cooldown_s)
         self.executor = executor or device_executor()
@@ -155,14 +156,19 @@ class Engine:
         return ("degraded" if causes else "ready"), causes
 
     # ---- routing -----------------------------------------------------------------------------------------
-    def route(self, model: str | None, steps: int | None,
-              want_teacher: bool = False) -> tuple[ServedModel, int, str | None]:
+    def route(
+        self, model: str | None, steps: int | None, want_teacher: bool = False
+    ) -> tuple[ServedModel, int, str | None]:
         """-> (who serves, at how many steps, fallback reason or None)."""
         name = model or self.registry.default
         entry = self.registry.models.get(name)
         if entry is None:
-            raise BadRequest(f"model {name!r} does not exist; GET /v1/models lists the models",
-                             param="model", code="model_not_found", status=404)
+            raise BadRequest(
+                f"model {name!r} does not exist; GET /v1/models lists the models",
+                param="model",
+                code="model_not_found",
+                status=404,
+            )
         if steps is not None and steps > self.settings.max_teacher_steps:
             raise BadRequest(f"steps must be at most {self.settings.max_teacher_steps}", param="steps")
         if model is None and steps is not None and entry.role == "student" and not entry.supports(steps):
@@ -187,8 +193,10 @@ class Engine:
         teacher = self.registry.teacher_for(entry.name)
         if teacher is None:
             if reason == "steps_unsupported":
-                raise BadRequest(f"{entry.name} supports steps {entry.supported_steps()} and has no teacher to "
-                                 f"serve {steps}", param="steps")
+                raise BadRequest(
+                    f"{entry.name} supports steps {entry.supported_steps()} and has no teacher to serve {steps}",
+                    param="steps",
+                )
             raise NotServable(f"{entry.name} cannot serve ({reason}) and its teacher is not available")
         # a count the teacher can run is honoured; otherwise (a student's 1-4) the teacher's default
         t_steps = steps if steps is not None and steps > max(entry.supported_steps() or [0]) else None
@@ -312,9 +320,18 @@ class Engine:
             n = len(job.seeds)
             if reason:
                 self.metrics.fallbacks.labels(reason=reason).inc()
-            out.append(Result(pils[offset:offset + n], job.seeds, served_by, steps, reason,
-                              queue_ms=1000 * (start - job.enqueued), inference_ms=1000 * elapsed,
-                              batch_images=n_images))
+            out.append(
+                Result(
+                    pils[offset : offset + n],
+                    job.seeds,
+                    served_by,
+                    steps,
+                    reason,
+                    queue_ms=1000 * (start - job.enqueued),
+                    inference_ms=1000 * elapsed,
+                    batch_images=n_images,
+                )
+            )
             offset += n
         return out
 

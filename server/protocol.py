@@ -68,5 +68,12 @@ class ImagesRequest(BaseModel):
 
 
 # quality -> student step count; "teacher" goes to the teacher at its default steps (docs/api.md)
-QUALITY_STEPS: dict[str, int | None] = {"low": 1, "auto": None, "standard": 2, "medium": 2, "high": 4, "hd": 4,
-                                        "teacher": None}
+QUALITY_STEPS: dict[str, int | None] = {
+    "low": 1,
+    "auto": None,
+    "standard": 2,
+    "medium": 2,
+    "high": 4,
+    "hd": 4,
+    "teacher": None,
+}

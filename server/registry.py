@@ -35,17 +35,19 @@ class ServedModel:
         return self.model is not None and self.error is None
 
     def supported_steps(self) -> list[int]:
-        return self.card.sampling.supported_steps() if self.card and self.card.sampling else []
+        """A student's served step counts (Card.serves_steps: measured by `fewstep eval --write-card`, else those
+        it was exported for); [] for a teacher, which serves any count its schedule allows."""
+        return self.card.serves_steps() if self.card else []
 
     def supports(self, steps: int) -> bool:
-        return self.model.supports(steps) if self.model is not None else False
+        if self.model is None:
+            return False
+        return steps in self.supported_steps() if self.role == "student" else self.model.supports(steps)
 
     def measured_fd(self, steps: int) -> float:
-        """The Fréchet distance its card records at ``steps`` (``fewstep eval`` rows), inf when unmeasured."""
-        metrics = (self.card.metrics or {}) if self.card else {}
-        rows = metrics.get("rows", []) if isinstance(metrics, dict) else []
-        fds = [r.get("fd") for r in rows if isinstance(r, dict) and r.get("steps") == steps]
-        return float(fds[0]) if fds and isinstance(fds[0], (int, float)) else float("inf")
+        """The Fréchet distance its card's evaluation records at ``steps``, inf when unmeasured."""
+        fd = self.card.evaluation.fd_at(steps) if self.card and self.card.evaluation else None
+        return float("inf") if fd is None else fd
 
 
 @dataclass
@@ -54,12 +56,12 @@ class Registry:
     default: str | None = None
 
     @classmethod
-    def scan(cls, directory: Path, device: torch.device, default: str | None = None,
-             kernels: str = "auto") -> Registry:
+    def scan(cls, directory: Path, device: torch.device, default: str | None = None, kernels: str = "auto") -> Registry:
         if not directory.is_dir():
             raise UsageError(f"no models directory at {directory}: {HOW}")
         reg = cls()
-        for sub in sorted(p for p in directory.iterdir() if p.is_dir()):
+        # hidden directories are not models: a save in progress stages into .NAME.new (models/checkpoint.py)
+        for sub in sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith(".")):
             if not (sub / "card.json").exists():
                 continue
             try:
@@ -111,8 +113,9 @@ class Registry:
 
     def best_student_for(self, steps: int, allow=lambda name: True) -> ServedModel | None:
         """Among ready students that serve ``steps``, the one whose card records the lowest FD there."""
-        fit = [m for m in self.models.values() if m.role == "student" and m.ready and m.supports(steps)
-               and allow(m.name)]
+        fit = [
+            m for m in self.models.values() if m.role == "student" and m.ready and m.supports(steps) and allow(m.name)
+        ]
         return min(fit, key=lambda m: (m.measured_fd(steps), m.name)) if fit else None
 
     def _pick_default(self) -> str:

@@ -9,35 +9,50 @@ from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, InitSettingsSource, NoDecode, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
+from fewstep.errors import UsageError
 from fewstep.yamlfile import read_mapping
 
 
 class ServeSettings(BaseSettings):
+    """Every server setting, declared once: ``fewstep serve`` derives a flag from each field (--max-batch for
+    max_batch, --api-key for api_keys, --no-warmup for warmup), FEWSTEP_<NAME> sets it from the environment and
+    a YAML file (--config) may hold any of them. A new setting is a new field here, nothing else."""
+
     model_config = SettingsConfigDict(env_prefix="FEWSTEP_", extra="forbid", protected_namespaces=())
 
-    # --models, else FEWSTEP_MODELS, else ./zoo (a fresh checkout serves its shipped models)
-    models: Path = Field(default=Path("zoo"), description="directory of checkpoint directories to serve")
-    host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=0, le=65535)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    kernels: Literal["auto", "triton", "torch"] = "auto"  # FEWSTEP_KERNELS; auto = Triton on CUDA (kernels/)
-    default_model: str | None = None  # default: the student serving the fewest steps, else the teacher
-    max_batch: int = Field(default=8, ge=1, le=256)  # images per batch
-    max_wait_ms: float = Field(default=5.0, ge=0)  # how long the batcher waits to fill a batch
-    queue_size: int = Field(default=64, ge=1)  # requests waiting; more -> 429
-    request_timeout_s: float = Field(default=60.0, gt=0)  # -> 504
-    max_n: int = Field(default=8, ge=1, le=64)
-    max_prompt_chars: int = Field(default=300, ge=1)
-    max_teacher_steps: int = Field(default=100, ge=1)  # the largest step count a request may ask for
-    max_body_bytes: int = Field(default=65_536, ge=1024)
-    # non-empty: /v1 needs "Authorization: Bearer KEY"; FEWSTEP_API_KEYS is comma-separated
-    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    breaker_threshold: int = Field(default=3, ge=1)  # consecutive student failures that open its circuit
-    breaker_cooldown_s: float = Field(default=30.0, ge=0)
-    warmup: bool = True
-    threads: int = Field(default=0, ge=0)  # torch CPU threads; 0 = torch's default
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
-    retry_after_s: int = Field(default=1, ge=1)
+    models: Path = Field(
+        default=Path("zoo"),
+        description="directory of checkpoint directories to serve (default: FEWSTEP_MODELS, else ./zoo)",
+    )
+    host: str = Field(default="127.0.0.1", description="bind address")
+    port: int = Field(default=8000, ge=0, le=65535, description="port")
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto = CUDA when available")
+    kernels: Literal["auto", "triton", "torch"] = Field(
+        default="auto", description="attention/norm/modulation kernels: auto = Triton on CUDA, PyTorch elsewhere"
+    )
+    default_model: str | None = Field(
+        default=None,
+        description="model for requests that name none (default: the student serving the fewest "
+        "steps, else the teacher)",
+    )
+    max_batch: int = Field(default=8, ge=1, le=256, description="images per batch")
+    max_wait_ms: float = Field(default=5.0, ge=0, description="how long the batcher waits to fill a batch")
+    queue_size: int = Field(default=64, ge=1, description="requests waiting; more are answered 429")
+    request_timeout_s: float = Field(default=60.0, gt=0, description="longer requests are answered 504")
+    max_n: int = Field(default=8, ge=1, le=64, description="images per request")
+    max_prompt_chars: int = Field(default=300, ge=1, description="longest prompt accepted")
+    max_teacher_steps: int = Field(default=100, ge=1, description="the largest step count a request may ask for")
+    max_body_bytes: int = Field(default=65_536, ge=1024, description="largest request body")
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="require 'Authorization: Bearer KEY' on /v1 (flag repeatable; FEWSTEP_API_KEYS is comma-separated)",
+    )
+    breaker_threshold: int = Field(default=3, ge=1, description="consecutive student failures that open its circuit")
+    breaker_cooldown_s: float = Field(default=30.0, ge=0, description="how long an open circuit stays open")
+    warmup: bool = Field(default=True, description="run every model once before /readyz says ready")
+    threads: int = Field(default=0, ge=0, description="torch CPU threads; 0 = torch's default")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="log level")
+    retry_after_s: int = Field(default=1, ge=1, description="Retry-After of 429 and 503 answers")
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -54,8 +69,9 @@ def load_settings(config_file: str | Path | None = None, **flags: Any) -> ServeS
 
     class _Settings(ServeSettings):
         @classmethod
-        def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
-                                       file_secret_settings):
+        def settings_customise_sources(
+            cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
+        ):
             return init_settings, env_settings, InitSettingsSource(settings_cls, init_kwargs=file_values)
 
     try:
@@ -63,6 +79,6 @@ def load_settings(config_file: str | Path | None = None, **flags: Any) -> ServeS
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(map(str, first["loc"]))
-        raise ValueError(f"setting {where}: {first['msg']}") from None
+        raise UsageError(f"setting {where}: {first['msg']}") from None
     except SettingsError as e:
-        raise ValueError(str(e)) from None
+        raise UsageError(str(e)) from None

@@ -22,8 +22,9 @@ def tiny_ae(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory, tiny_ae) -> Path:
-    return run_stage(tmp_path_factory.mktemp("teacher"), stage="teacher", name="tiny-teacher",
-                     autoencoder=str(tiny_ae), max_steps=3)
+    return run_stage(
+        tmp_path_factory.mktemp("teacher"), stage="teacher", name="tiny-teacher", autoencoder=str(tiny_ae), max_steps=3
+    )
 
 
 @pytest.fixture(scope="session")

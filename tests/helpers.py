@@ -12,9 +12,20 @@ from fewstep.training.stages import make_recipe
 
 
 def tiny_config(tmp: Path, **changes) -> TrainConfig:
-    base = dict(model="tiny", data="synthetic", batch_size=16, lr=3e-3, warmup_steps=2, max_steps=4,
-                log_every=1, ckpt_every=1000, default_steps=4, guidance=2.0, export_dtype="float32",
-                out=str(tmp))
+    base = dict(
+        model="tiny",
+        data="synthetic",
+        batch_size=16,
+        lr=3e-3,
+        warmup_steps=2,
+        max_steps=4,
+        log_every=1,
+        ckpt_every=1000,
+        default_steps=4,
+        guidance=2.0,
+        export_dtype="float32",
+        out=str(tmp),
+    )
     base.update(changes)
     return TrainConfig(**base)
 

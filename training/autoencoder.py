@@ -9,12 +9,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from fewstep.errors import UsageError
 from fewstep.models.autoencoder import Autoencoder
 from fewstep.models.checkpoint import save_checkpoint
 from fewstep.models.config import get_variant
 from fewstep.models.pipeline import AUTOENCODER
 from fewstep.training.config import TrainConfig
 from fewstep.training.data import load_data, sample_batch
+from fewstep.training.recipe import RecipeBase
 
 
 class AutoencoderLoss(nn.Module):
@@ -28,18 +30,18 @@ class AutoencoderLoss(nn.Module):
         return mse + self.kl_weight * kl, {"mse": mse.detach(), "kl": kl.detach()}
 
 
-class AutoencoderRecipe:
+class AutoencoderRecipe(RecipeBase):
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         ae_cfg = get_variant(cfg.model).autoencoder
         if ae_cfg is None:
-            raise ValueError(f"model variant {cfg.model!r} works in pixel space: it has no autoencoder to train")
+            raise UsageError(f"model variant {cfg.model!r} works in pixel space: it has no autoencoder to train")
         self.ae_cfg = ae_cfg
         self.data = load_data(cfg.data, "train")
         self.module = AutoencoderLoss(Autoencoder(ae_cfg), cfg.kl_weight)
         self.latent = (ae_cfg.latent_channels, 32 // 2 ** (len(ae_cfg.channels) - 1))
 
-    def make_batch(self, step: int, generator: torch.Generator) -> dict[str, Any]:
+    def make_batch(self, generator: torch.Generator) -> dict[str, Any]:
         b = sample_batch(self.data, self.cfg.batch_size, generator)
         c, s = self.latent
         return {"images": b.images, "eps": torch.randn(len(b.images), c, s, s, generator=generator)}
@@ -63,8 +65,7 @@ class AutoencoderRecipe:
             "name": f"{self.cfg.name}",
             "role": "autoencoder",
             "model": {**vars(final.cfg), "channels": list(final.cfg.channels)},
-            "training": {"method": "vae", **{k: v for k, v in info.items() if k != "config"},
-                         "hyperparameters": info["config"]},
+            "training": {"method": "vae", **info},
             "data": {"name": self.cfg.data, "split": "train"},
             "metrics": {"reconstruction_mse_valid": round(mse, 5), "latent_shift": shift, "latent_scale": scale},
         }

@@ -16,6 +16,7 @@ from torch import nn
 from fewstep.models.checkpoint import CheckpointError, load_weights, read_card, save_checkpoint
 from fewstep.training.config import TrainConfig
 from fewstep.training.data import load_data, sample_batch
+from fewstep.training.recipe import RecipeBase
 
 CLASSIFIER = "classifier.safetensors"
 
@@ -25,11 +26,17 @@ class DigitClassifier(nn.Module):
         super().__init__()
         w = width
         self.body = nn.Sequential(
-            nn.Conv2d(3, w, 3, padding=1), nn.SiLU(),
-            nn.Conv2d(w, w, 3, stride=2, padding=1), nn.SiLU(),  # 16×16
-            nn.Conv2d(w, 2 * w, 3, padding=1), nn.SiLU(),
-            nn.Conv2d(2 * w, 2 * w, 3, stride=2, padding=1), nn.SiLU(),  # 8×8
-            nn.Flatten(), nn.Linear(2 * w * 64, feature_dim), nn.SiLU(),
+            nn.Conv2d(3, w, 3, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(w, w, 3, stride=2, padding=1),
+            nn.SiLU(),  # 16×16
+            nn.Conv2d(w, 2 * w, 3, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(2 * w, 2 * w, 3, stride=2, padding=1),
+            nn.SiLU(),  # 8×8
+            nn.Flatten(),
+            nn.Linear(2 * w * 64, feature_dim),
+            nn.SiLU(),
         )
         self.digit = nn.Linear(feature_dim, 10)
         self.fg = nn.Linear(feature_dim, 10)
@@ -67,13 +74,13 @@ class ClassifierLoss(nn.Module):
         return sum(losses.values()), {f"ce_{k}": v.detach() for k, v in losses.items()}
 
 
-class ClassifierRecipe:
+class ClassifierRecipe(RecipeBase):
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.data = load_data(cfg.data, "train")
         self.module = ClassifierLoss(DigitClassifier())
 
-    def make_batch(self, step: int, generator: torch.Generator) -> dict[str, Any]:
+    def make_batch(self, generator: torch.Generator) -> dict[str, Any]:
         b = sample_batch(self.data, self.cfg.batch_size, generator)
         return {"images": augment(b.images, generator), "digits": b.digits, "fg": b.fg, "bg": b.bg}
 
@@ -85,9 +92,10 @@ class ClassifierRecipe:
         net = ema.net.cpu().eval()
         acc = accuracy_on_real(net, self.cfg.data)
         card = {
-            "name": self.cfg.name, "role": "classifier", "model": net.config,
-            "training": {"method": "supervised", **{k: v for k, v in info.items() if k != "config"},
-                         "hyperparameters": info["config"]},
+            "name": self.cfg.name,
+            "role": "classifier",
+            "model": net.config,
+            "training": {"method": "supervised", **info},
             "data": {"name": self.cfg.data, "split": "train"},
             "metrics": {f"test_{k}_accuracy": round(v, 4) for k, v in acc.items()},
         }

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fewstep.errors import UsageError
 from fewstep.models.text import Tokenizer
 from fewstep.paths import cache_dir
 from fewstep.training.folder import CaptionedImages, load_folder
@@ -128,7 +129,7 @@ class Digits:
 
 def load_digits(split: str = "train", cache: Path | None = None) -> Digits:
     if split not in ("train", "valid", "test"):
-        raise ValueError(f"split must be train, valid or test, not {split!r}")
+        raise UsageError(f"split must be train, valid or test, not {split!r}")
     with np.load(ensure_mnist(cache)) as z:
         return Digits(torch.from_numpy(z[f"{split}_x"]), torch.from_numpy(z[f"{split}_y"]))
 
@@ -158,8 +159,7 @@ def sample_batch(digits: Digits, batch_size: int, generator: torch.Generator) ->
     if isinstance(digits, CaptionedImages):
         idx = torch.randint(0, len(digits), (batch_size,), generator=generator)
         none = torch.full((batch_size,), -1)  # no digit or color labels: the benchmark's judge does not apply
-        return Batch(to_unit(digits.images[idx].float()), none, none, none,
-                     [digits.captions[i] for i in idx.tolist()])
+        return Batch(to_unit(digits.images[idx].float()), none, none, none, [digits.captions[i] for i in idx.tolist()])
     idx = torch.randint(0, len(digits), (batch_size,), generator=generator)
     fg, bg = random_colors(batch_size, generator)
     templates = torch.randint(0, len(TEMPLATES), (batch_size,), generator=generator)
@@ -202,7 +202,7 @@ def load_data(name: str, split: str = "train", image_size: int = 32):
         return load_digits(split)
     if name == "synthetic":
         return synthetic_digits(512 if split == "train" else 128, seed={"train": 0, "valid": 1, "test": 2}[split])
-    raise ValueError(f"unknown data {name!r} (digits, synthetic or folder:PATH)")
+    raise UsageError(f"unknown data {name!r} (digits, synthetic or folder:PATH)")
 
 
 def vocabulary(data) -> list[str]:

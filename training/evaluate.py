@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from fewstep.models.checkpoint import Card, EvalRow, Evaluation, read_card, update_card
+from fewstep.models.images import grid
 from fewstep.models.pipeline import TextToImage
 from fewstep.training.classifier import DigitClassifier
 from fewstep.training.data import TEMPLATES, caption, load_data, random_colors, render, to_unit
@@ -33,8 +35,10 @@ def eval_prompts(n: int, seed: int = 0) -> EvalPrompts:
     g = torch.Generator().manual_seed(seed)
     digits = torch.randint(0, 10, (n,), generator=g)
     fg, bg = random_colors(n, g)
-    prompts = [caption(int(d), int(f), int(b), i % len(TEMPLATES), bool((i // len(TEMPLATES)) % 2))
-               for i, (d, f, b) in enumerate(zip(digits, fg, bg, strict=True))]
+    prompts = [
+        caption(int(d), int(f), int(b), i % len(TEMPLATES), bool((i // len(TEMPLATES)) % 2))
+        for i, (d, f, b) in enumerate(zip(digits, fg, bg, strict=True))
+    ]
     return EvalPrompts(prompts, digits, fg, bg, seeds=[seed * 100_000 + i for i in range(n)])
 
 
@@ -60,9 +64,16 @@ def real_features(classifier: DigitClassifier, n: int, seed: int, data: str = "d
 
 
 @torch.no_grad()
-def evaluate(model: TextToImage, classifier: DigitClassifier, steps_list: list[int], n: int = 1000,
-             batch_size: int = 100, guidance: float | None = None, data: str = "digits",
-             progress: bool = True) -> dict:
+def evaluate(
+    model: TextToImage,
+    classifier: DigitClassifier,
+    steps_list: list[int],
+    n: int = 1000,
+    batch_size: int = 100,
+    guidance: float | None = None,
+    data: str = "digits",
+    progress: bool = True,
+) -> dict:
     """Runs the benchmark; returns {"model", "n", "real_floor_fd", "rows": [...]}."""
     ep = eval_prompts(n)
     real_a = real_features(classifier, n, seed=1, data=data)
@@ -86,24 +97,41 @@ def evaluate(model: TextToImage, classifier: DigitClassifier, steps_list: list[i
             for k, v in classifier(chunk).items():
                 out[k].append(v)
         out = {k: torch.cat(v) for k, v in out.items()}
-        rows.append({
-            "steps": steps,
-            "digit_accuracy": float((out["digit"].argmax(-1) == ep.digits).float().mean()),
-            "fg_accuracy": float((out["fg"].argmax(-1) == ep.fg).float().mean()),
-            "bg_accuracy": float((out["bg"].argmax(-1) == ep.bg).float().mean()),
-            "fd": frechet_distance(out["features"], real_a),
-            "ms_per_image": 1000 * seconds / n,
-        })
-    return {"model": model.name, "role": model.card.role if model.card else None, "n": n,
-            "guidance": model.sampling.guidance if guidance is None else guidance,
-            "real_floor_fd": floor, "device": str(model.device), "threads": torch.get_num_threads(),
-            "rows": rows}
+        rows.append(
+            {
+                "steps": steps,
+                "digit_accuracy": float((out["digit"].argmax(-1) == ep.digits).float().mean()),
+                "fg_accuracy": float((out["fg"].argmax(-1) == ep.fg).float().mean()),
+                "bg_accuracy": float((out["bg"].argmax(-1) == ep.bg).float().mean()),
+                "fd": frechet_distance(out["features"], real_a),
+                "ms_per_image": 1000 * seconds / n,
+            }
+        )
+    return {
+        "model": model.name,
+        "role": model.card.role if model.card else None,
+        "n": n,
+        "data": data,
+        "guidance": model.sampling.guidance if guidance is None else guidance,
+        "real_floor_fd": floor,
+        "device": str(model.device),
+        "threads": torch.get_num_threads(),
+        "rows": rows,
+    }
+
+
+def sample_grid(model: TextToImage, steps: int, guidance: float | None = None, n: int = 40, nrow: int = 10):
+    """The benchmark's sample grid: the first ``n`` evaluation prompts with their seeds, ``nrow`` per row."""
+    ep = eval_prompts(n)
+    return grid(model.generate(ep.prompts, ep.seeds, steps=steps, guidance=guidance), nrow=nrow)
 
 
 def markdown_table(results: list[dict]) -> str:
     """One table over several evaluations (models × step counts)."""
-    lines = ["| model | steps | digit acc | fg color acc | bg color acc | Fréchet dist. (real floor) | ms / image |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| model | steps | digit acc | fg color acc | bg color acc | Fréchet dist. (real floor) | ms / image |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for res in results:
         for r in res["rows"]:
             lines.append(
@@ -113,15 +141,57 @@ def markdown_table(results: list[dict]) -> str:
             )
     n = {res["n"] for res in results}
     lines.append("")
-    lines.append(f"n = {', '.join(map(str, sorted(n)))} images per row; CPU threads: {results[0]['threads']}; "
-                 f"device: {results[0]['device']}.")
+    lines.append(
+        f"n = {', '.join(map(str, sorted(n)))} images per row; CPU threads: {results[0]['threads']}; "
+        f"device: {results[0]['device']}."
+    )
     return "\n".join(lines) + "\n"
 
 
-def write_results(results: dict, out: Path) -> tuple[Path, Path]:
+def write_results(
+    results: dict, out: Path, model: TextToImage | None = None, guidance: float | None = None
+) -> tuple[Path, Path]:
+    """eval.json and eval.md in ``out``; with ``model``, a samples_{steps}steps.png grid per evaluated row."""
     out.mkdir(parents=True, exist_ok=True)
     j, m = out / "eval.json", out / "eval.md"
     j.write_text(json.dumps(results, indent=2) + "\n")
     m.write_text(f"# Evaluation of {results['model']}\n\n" + markdown_table([results]))
+    if model is not None:
+        for row in results["rows"]:
+            sample_grid(model, row["steps"], guidance).save(out / f"samples_{row['steps']}steps.png")
     return j, m
 
+
+def record_in_card(
+    directory: str | Path, results: dict, model: TextToImage, judge: Path, min_accuracy: float, command: str
+) -> Card:
+    """Write ``results`` into the model's card as its typed ``evaluation`` (``fewstep eval --write-card``).
+
+    A student serves the measured step counts whose digit, foreground and background accuracies all reach
+    ``min_accuracy``; the grid each measured count used is recorded in its sampling section, so the card says
+    exactly how a served count is sampled. Routing reads this section (server/registry.py), nothing else.
+    A text-to-image card's free-form ``metrics`` are cleared: its measurements live here now.
+    """
+    card = model.card
+    judge_card = read_card(judge)
+    [judge_file] = [f for f in judge_card.files if f.endswith(".safetensors")]
+    rows = [EvalRow(**{k: r[k] for k in EvalRow.model_fields}) for r in results["rows"]]
+    evaluation = {
+        "n": results["n"],
+        "guidance": results["guidance"],
+        "real_floor_fd": results["real_floor_fd"],
+        "judge": {"name": judge_card.name, "sha256": judge_card.files[judge_file].sha256},
+        "data": results.get("data", "digits"),
+        "device": results["device"],
+        "rows": rows,
+        "command": command,
+    }
+    changes: dict = {"metrics": {}}
+    if card.role == "student":
+        ok = [r.steps for r in rows if min(r.digit_accuracy, r.fg_accuracy, r.bg_accuracy) >= min_accuracy]
+        evaluation.update(min_accuracy=min_accuracy, serves_steps=sorted(ok))
+        timesteps = {**card.sampling.timesteps, **{str(r.steps): model.grid(r.steps) for r in rows}}
+        steps = sorted(int(k) for k in timesteps)
+        changes["sampling"] = card.sampling.model_copy(update={"timesteps": timesteps, "max_steps": max(steps)})
+    changes["evaluation"] = Evaluation.model_validate(evaluation)
+    return update_card(directory, **changes)

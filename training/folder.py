@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from fewstep.errors import UsageError
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 HOLDOUT_EVERY = 20
 
@@ -40,14 +42,14 @@ def _captions(root: Path) -> dict[str, str]:
                 row = json.loads(line)
                 out[str(row["file_name"])] = str(row["text"])
             except (json.JSONDecodeError, KeyError, TypeError):
-                raise ValueError(f"{meta}:{i}: expected {{\"file_name\": ..., \"text\": ...}}") from None
+                raise UsageError(f'{meta}:{i}: expected {{"file_name": ..., "text": ...}}') from None
         return out
     out = {}
     for p in sorted(root.iterdir()):
         if p.suffix.lower() in IMAGE_SUFFIXES:
             txt = p.with_suffix(".txt")
             if not txt.exists():
-                raise ValueError(f"{p}: no caption; add {txt.name} or a metadata.jsonl in {root}")
+                raise UsageError(f"{p}: no caption; add {txt.name} or a metadata.jsonl in {root}")
             out[p.name] = txt.read_text(encoding="utf-8").strip()
     return out
 
@@ -57,7 +59,7 @@ def _square(path: Path, size: int) -> np.ndarray:
         with Image.open(path) as im:
             im = im.convert("RGB")
     except (OSError, UnidentifiedImageError) as e:
-        raise ValueError(f"{path}: not a readable image ({e})") from None
+        raise UsageError(f"{path}: not a readable image ({e})") from None
     w, h = im.size
     s = min(w, h)
     im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
@@ -67,17 +69,17 @@ def _square(path: Path, size: int) -> np.ndarray:
 def load_folder(root: str | Path, split: str = "train", size: int = 32) -> CaptionedImages:
     root = Path(root)
     if not root.is_dir():
-        raise ValueError(f"data folder {root} does not exist")
+        raise UsageError(f"data folder {root} does not exist")
     if split not in ("train", "valid", "test"):
-        raise ValueError(f"split must be train, valid or test, not {split!r}")
+        raise UsageError(f"split must be train, valid or test, not {split!r}")
     captions = _captions(root)
     names = sorted(captions)
     held = {n for i, n in enumerate(names) if i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1}
     names = [n for n in names if (n in held) == (split != "train")]
     if not names:
-        raise ValueError(f"data folder {root}: no captioned images for split {split!r}")
+        raise UsageError(f"data folder {root}: no captioned images for split {split!r}")
     missing = [n for n in names if not (root / n).exists()]
     if missing:
-        raise ValueError(f"{root}: metadata.jsonl names {missing[0]}, which is not there")
+        raise UsageError(f"{root}: metadata.jsonl names {missing[0]}, which is not there")
     images = np.stack([_square(root / n, size) for n in names])  # (N, S, S, 3)
     return CaptionedImages(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), [captions[n] for n in names])

@@ -1,8 +1,9 @@
 """The one training loop every stage and recipe shares.
 
-A *recipe* supplies a loss module and batches; the loop supplies everything else: AdamW with warmup and
-cosine decay, gradient clipping, EMA weights, bf16 autocast on CUDA, resumable state, a progress bar
-with loss and images/s, a JSONL metrics log, a wall-clock budget and DistributedDataParallel.
+A *recipe* (training/recipe.py) supplies a loss module and batches; the loop supplies everything else: AdamW
+with warmup and cosine decay, gradient clipping, EMA weights, bf16 autocast on CUDA, resumable state (the
+recipe's auxiliary networks included), a progress bar with loss and images/s, a JSONL metrics log, a
+wall-clock budget and DistributedDataParallel.
 
 Determinism across world sizes: every rank draws the same *global* batch from a generator seeded by
 (seed, step) and keeps rows rank::world, so N processes compute the same gradient as one process does
@@ -18,37 +19,17 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
+from fewstep.errors import UsageError
 from fewstep.kernels.runtime import resolve_device
-from fewstep.training.config import TrainConfig, to_dict
-
-
-class Recipe(Protocol):
-    """What a stage or distillation method provides to the loop.
-
-    A recipe whose update is more than one loss and one optimizer (a GAN, DMD2's fake score, a consistency
-    target network) also defines ``setup(device, wrap, student)``, where ``student`` is ``module`` (DDP-wrapped
-    when distributed) and ``wrap`` wraps its other networks likewise; ``train_step(batch, lr) -> (loss, logs)``,
-    which runs its own backward passes and optimizer steps and leaves ``module``'s gradients for the loop's
-    optimizer; and ``extra_state()`` / ``load_extra_state(state)`` for resuming.
-    """
-
-    module: nn.Module  # forward(**batch) -> (loss, logs)
-
-    def make_batch(self, step: int, generator: torch.Generator) -> dict[str, Any]:
-        """The global batch for ``step`` on the CPU (same on every rank)."""
-
-    def prepare(self, batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-        """This rank's shard -> model inputs on ``device`` (e.g. encode images to latents)."""
-
-    def export(self, ema: nn.Module, out_dir: Path, info: dict[str, Any]) -> Any:
-        """Write the trained model (EMA weights) as a checkpoint."""
+from fewstep.training.config import LoopConfig, loop_settings
+from fewstep.training.recipe import Context, Recipe
 
 
 @dataclass
@@ -58,7 +39,7 @@ class RunInfo:
     images: int = 0
 
 
-def lr_at(cfg: TrainConfig, step: int, seconds: float = 0.0) -> float:
+def lr_at(cfg: LoopConfig, step: int, seconds: float = 0.0) -> float:
     """Linear warmup, then cosine decay to lr·min_lr_ratio at max_steps, or at the wall-clock budget
     (max_minutes) if that comes first: a run cut short by its budget still ends on a decayed learning rate."""
     if step < cfg.warmup_steps:
@@ -92,11 +73,15 @@ def _dist_info() -> tuple[int, int]:
     return 0, 1
 
 
-def train(cfg: TrainConfig, recipe: Recipe, out_dir: str | Path | None = None, quiet: bool = False) -> RunInfo:
-    """Train ``recipe`` per ``cfg``; resumes from ``out/state.pt`` when present. Returns what was done."""
+def train(cfg: LoopConfig, recipe: Recipe, out_dir: str | Path | None = None, quiet: bool = False) -> RunInfo:
+    """Train ``recipe`` per ``cfg``; resumes from ``out/state.pt`` when present. Returns what was done.
+
+    The exported card's ``training`` records the loop's settings and ``cfg.settings_record()`` (the stage's or
+    the method's own settings) only.
+    """
     rank, world = _dist_info()
     if cfg.batch_size % world:
-        raise ValueError(f"batch_size {cfg.batch_size} must divide by the {world} processes")
+        raise UsageError(f"batch_size {cfg.batch_size} must divide by the {world} processes")
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     out = Path(out_dir or cfg.out)
@@ -105,35 +90,42 @@ def train(cfg: TrainConfig, recipe: Recipe, out_dir: str | Path | None = None, q
     ema = copy.deepcopy(module).requires_grad_(False).eval()
     wrapped: nn.Module = module
     if world > 1:
-        wrapped = _wrapper(world, device)(module)
-    custom = hasattr(recipe, "train_step")
-    if custom:
-        recipe.setup(device, _wrapper(world, device), wrapped)
+        ids = [device.index] if device.type == "cuda" else None
+        wrapped = nn.parallel.DistributedDataParallel(module, device_ids=ids)
+    ctx = Context(device=device, module=wrapped, world=world, betas=cfg.betas, grad_clip=cfg.grad_clip)
+    recipe.setup(ctx)  # registers the recipe's auxiliaries before their state is resumed
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
     info = RunInfo()
     state_path = out / "state.pt"
     if state_path.exists():
-        state = torch.load(state_path, map_location=device, weights_only=False)
+        state = torch.load(state_path, map_location=device, weights_only=True)
         module.load_state_dict(state["module"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
         info = RunInfo(**state["info"])
-        if custom:
-            recipe.load_extra_state(state["extra"])
+        for name, aux in ctx.auxiliaries.items():
+            if name not in state.get("aux", {}):
+                raise UsageError(f"{state_path} has no state for {name!r} (another method's run?): use a new --out")
+            aux.load_state_dict(state["aux"][name])
         if rank == 0 and not quiet:
             print(f"resuming {out} at step {info.step}")
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+        (out / "config.json").write_text(json.dumps(_record(cfg), indent=2))
     log = open(out / "metrics.jsonl", "a") if rank == 0 else None  # noqa: SIM115 (closed after the loop)
 
     def save_state() -> None:
         if rank != 0:
             return
-        state = {"module": module.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "info": vars(info),
-                 "extra": recipe.extra_state() if custom else None}
+        state = {
+            "module": module.state_dict(),
+            "ema": ema.state_dict(),
+            "opt": opt.state_dict(),
+            "info": vars(info),
+            "aux": {name: aux.state_dict() for name, aux in ctx.auxiliaries.items()},
+        }
         tmp = state_path.with_suffix(".tmp")
         torch.save(state, tmp)
         os.replace(tmp, state_path)
@@ -152,19 +144,15 @@ def train(cfg: TrainConfig, recipe: Recipe, out_dir: str | Path | None = None, q
                 print(f"\nwall-clock budget of {cfg.max_minutes} min reached at step {info.step}")
             break
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + info.step)
-        batch = recipe.prepare(shard(recipe.make_batch(info.step, g), rank, world), device)
+        batch = recipe.prepare(shard(recipe.make_batch(g), rank, world), device)
         lr = lr_at(cfg, info.step, clock)
         for group in opt.param_groups:
             group["lr"] = lr
         opt.zero_grad(set_to_none=True)
-        if custom:
-            with autocast:
-                loss, logs = recipe.train_step(batch, lr)  # leaves the student's gradients in .grad
-        else:
-            with autocast:
-                loss, logs = wrapped(**batch)
-            loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(0.0)
+        with autocast:
+            loss, logs = recipe.train_step(batch)  # auxiliaries (if any) are updated inside
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip else torch.tensor(0.0)
         opt.step()
         decay = min(cfg.ema_decay, (1 + info.step) / (10 + info.step)) if cfg.ema_warmup else cfg.ema_decay
         ema_update(ema, module, decay)
@@ -176,8 +164,14 @@ def train(cfg: TrainConfig, recipe: Recipe, out_dir: str | Path | None = None, q
         if info.step % cfg.log_every == 0 or info.step == cfg.max_steps:
             ips = window_img / max(1e-9, time.time() - window_t)
             window_t, window_img = time.time(), 0
-            row = {"step": info.step, "loss": float(loss.detach()), "lr": lr, "grad_norm": float(grad_norm),
-                   "images_per_s": round(ips, 1), "elapsed_s": round(info.seconds, 1)}
+            row = {
+                "step": info.step,
+                "loss": float(loss.detach()),
+                "lr": lr,
+                "grad_norm": float(grad_norm),
+                "images_per_s": round(ips, 1),
+                "elapsed_s": round(info.seconds, 1),
+            }
             row.update({k: float(v) for k, v in logs.items()})
             if log:
                 log.write(json.dumps(row) + "\n")
@@ -191,23 +185,18 @@ def train(cfg: TrainConfig, recipe: Recipe, out_dir: str | Path | None = None, q
     if log:
         log.close()
     if rank == 0:
-        recipe.export(ema, out / "export", {"steps": info.step, "duration_s": round(info.seconds, 1),
-                                            "images_seen": info.images, "config": to_dict(cfg)})
+        run = {"steps": info.step, "duration_s": round(info.seconds, 1), "images_seen": info.images, **_record(cfg)}
+        recipe.export(ema, out / "export", run)
+        for aux in ctx.auxiliaries.values():
+            if aux.exported:
+                aux.export(out / "auxiliary")
     if world > 1:
         dist.barrier()
     return info
 
 
-def _wrapper(world: int, device: torch.device):
-    """How custom recipes wrap each extra trainable network: DDP when there are several processes."""
-
-    def wrap(module: nn.Module) -> nn.Module:
-        if world == 1:
-            return module
-        ids = [device.index] if device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(module, device_ids=ids)
-
-    return wrap
+def _record(cfg: LoopConfig) -> dict[str, Any]:
+    return {"loop": loop_settings(cfg), "settings": cfg.settings_record()}
 
 
 def _rank0_value(value: float, device: torch.device) -> float:

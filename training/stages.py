@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from fewstep.errors import UsageError
 from fewstep.training.config import TrainConfig
 
 
@@ -39,6 +40,6 @@ def make_recipe(cfg: TrainConfig) -> Any:
     """Build the stage's recipe; weights are initialised from ``cfg.seed`` so every DDP rank and every rerun
     starts from the same point."""
     if cfg.stage not in STAGES:
-        raise ValueError(f"unknown stage {cfg.stage!r}; known: {sorted(STAGES)}")
+        raise UsageError(f"unknown stage {cfg.stage!r}; known: {sorted(STAGES)}")
     torch.manual_seed(cfg.seed)
     return STAGES[cfg.stage](cfg)

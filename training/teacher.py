@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fewstep.errors import UsageError
 from fewstep.models.config import get_variant
 from fewstep.models.flow import interpolate, logit_normal_t, timesteps, velocity_target
 from fewstep.models.mmdit import MMDiT
@@ -21,6 +22,7 @@ from fewstep.models.pipeline import TextToImage, load_autoencoder
 from fewstep.models.text import TextEncoder, Tokenizer
 from fewstep.training.config import TrainConfig
 from fewstep.training.data import load_data, sample_batch, vocabulary
+from fewstep.training.recipe import RecipeBase
 
 
 class FlowMatchingLoss(nn.Module):
@@ -41,14 +43,14 @@ def drop_captions(captions: list[str], p: float, generator: torch.Generator) -> 
     return [c if k else "" for c, k in zip(captions, keep.tolist(), strict=True)]
 
 
-class TeacherRecipe:
+class TeacherRecipe(RecipeBase):
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         config = get_variant(cfg.model)
         autoencoder = None
         if config.autoencoder is not None:
             if not cfg.autoencoder:
-                raise ValueError(
+                raise UsageError(
                     f"model {cfg.model!r} works in latent space: set autoencoder to a trained autoencoder "
                     "checkpoint (fewstep train --config configs/digits-autoencoder.yaml writes one)"
                 )
@@ -61,7 +63,7 @@ class TeacherRecipe:
         self.model = TextToImage.build(config, self.tokenizer, autoencoder)
         self.module = FlowMatchingLoss(self.model.text_encoder, self.model.transformer)
 
-    def make_batch(self, step: int, generator: torch.Generator) -> dict[str, Any]:
+    def make_batch(self, generator: torch.Generator) -> dict[str, Any]:
         b = sample_batch(self.data, self.cfg.batch_size, generator)
         ids, mask = self.tokenizer.encode(drop_captions(b.captions, self.cfg.caption_dropout, generator))
         t = logit_normal_t(len(ids), generator, self.cfg.t_logit_mean, self.cfg.t_logit_std)
@@ -79,8 +81,9 @@ class TeacherRecipe:
 
     def export(self, ema: nn.Module, out_dir: Path, info: dict[str, Any]) -> TextToImage:
         cfg = self.cfg
-        model = TextToImage(self.model.config, self.tokenizer, ema.text_encoder, ema.transformer,
-                            self.model.autoencoder)
+        model = TextToImage(
+            self.model.config, self.tokenizer, ema.text_encoder, ema.transformer, self.model.autoencoder
+        )
         model.to("cpu")
         steps = cfg.default_steps
         schedule = "uniform" if cfg.schedule_shift == 1.0 else "shifted"
@@ -89,14 +92,21 @@ class TeacherRecipe:
             "role": "teacher",
             "parameterization": "velocity",
             "sampling": {
-                "default_steps": steps, "sampler": "euler", "any_steps": True, "schedule": schedule,
-                "shift": cfg.schedule_shift, "guidance": cfg.guidance,
+                "default_steps": steps,
+                "sampler": "euler",
+                "any_steps": True,
+                "schedule": schedule,
+                "shift": cfg.schedule_shift,
+                "guidance": cfg.guidance,
                 "timesteps": {str(steps): timesteps(steps, schedule, cfg.schedule_shift)},
             },
-            "training": {"method": "rectified-flow", **{k: v for k, v in info.items() if k != "config"},
-                         "hyperparameters": info["config"]},
-            "data": {"name": cfg.data, "split": "train", "images": len(self.data),
-                     "captions": "training/data.py TEMPLATES" if cfg.data in ("digits", "synthetic") else "folder"},
+            "training": {"method": "rectified-flow", **info},
+            "data": {
+                "name": cfg.data,
+                "split": "train",
+                "images": len(self.data),
+                "captions": "training/data.py TEMPLATES" if cfg.data in ("digits", "synthetic") else "folder",
+            },
         }
         model.save(out_dir, card, dtype=cfg.export_dtype, overwrite=True)
         print(f"teacher exported to {out_dir}")

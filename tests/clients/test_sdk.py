@@ -1,4 +1,4 @@
-"""The SDK and `fewstep generate` against a real server on a free port."""
+"""The SDK and `fewstep generate` end to end, against a real uvicorn server on a free port."""
 
 import asyncio
 import subprocess
@@ -8,7 +8,9 @@ import time
 import pytest
 
 from fewstep.clients.sdk import AsyncFewstepClient, FewstepClient, FewstepError
-from tests.server.conftest import LiveServer, make_settings
+from tests.serving import LiveServer, make_settings
+
+pytestmark = pytest.mark.slow  # every test here talks to a real server over a socket
 
 
 def test_generate_typed_result(live):
@@ -43,11 +45,13 @@ def test_async_client(live):
 def test_retries_429_honouring_retry_after(models_dir):
     settings = make_settings(models_dir, queue_size=1, max_batch=1, warmup=False, retry_after_s=1)
     with LiveServer(settings) as server:
+
         async def run():
             async with AsyncFewstepClient(server.url, max_retries=10, backoff_s=0.01) as client:
                 t0 = time.perf_counter()
-                results = await asyncio.gather(*(
-                    client.generate("a red 7 on black", model="tiny-teacher", steps=60, seed=i) for i in range(4)))
+                results = await asyncio.gather(
+                    *(client.generate("a red 7 on black", model="tiny-teacher", steps=60, seed=i) for i in range(4))
+                )
                 return results, time.perf_counter() - t0
 
         results, elapsed = asyncio.run(run())
@@ -57,14 +61,49 @@ def test_retries_429_honouring_retry_after(models_dir):
 
 def test_fewstep_generate_cli(live, tmp_path):
     out = tmp_path / "img.png"
-    r = subprocess.run([sys.executable, "-m", "fewstep.cli", "generate", "a red 7 on black", "--url", live.url,
-                        "--steps", "1", "-n", "2", "--seed", "3", "-o", str(out)], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fewstep.cli",
+            "generate",
+            "a red 7 on black",
+            "--url",
+            live.url,
+            "--steps",
+            "1",
+            "-n",
+            "2",
+            "--seed",
+            "3",
+            "-o",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "img-0.png").exists() and (tmp_path / "img-1.png").exists()
     assert "served by tiny-student in 1 steps" in r.stdout and "seeds [3, 4]" in r.stdout
-    r = subprocess.run([sys.executable, "-m", "fewstep.cli", "generate", "x", "--url", live.url, "-n", "2",
-                        "-o", str(out)], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "fewstep.cli", "generate", "x", "--url", live.url, "-n", "2", "-o", str(out)],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "already exists" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "fewstep.cli", "generate", "x", "--url", "http://127.0.0.1:9",
-                        "-o", str(tmp_path / "y.png")], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fewstep.cli",
+            "generate",
+            "x",
+            "--url",
+            "http://127.0.0.1:9",
+            "-o",
+            str(tmp_path / "y.png"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "cannot reach" in r.stderr and "Traceback" not in r.stderr

@@ -14,7 +14,7 @@ def masks(batch: int, length: int) -> torch.Tensor:
     """Per-sample key-padding masks of different lengths over the text tokens (True = attend)."""
     m = torch.ones(batch, length, dtype=torch.bool)
     for i in range(batch):
-        m[i, N_TXT - i: N_TXT] = False  # sample 0 keeps every text token, sample 2 drops two
+        m[i, N_TXT - i : N_TXT] = False  # sample 0 keeps every text token, sample 2 drops two
     return m
 
 

@@ -75,9 +75,27 @@ def _sample(tmp: Path, mode: str) -> np.ndarray:
     prompts.write_text("a red 7 on black\na blue 3 on yellow\n")
     # 4 steps, not the teacher's 40: the interpreter takes ~0.1-0.3 s per kernel launch (25 launches per step);
     # at 4 steps the teacher already draws the right digit in the right colors (docs/results.md)
-    subprocess.run([sys.executable, "-m", "fewstep.cli", "sample", "--model", str(ZOO / "digits-teacher"),
-                    "--prompts-file", str(prompts), "--out", str(out), "--steps", "4", "--device", "cpu"],
-                   check=True, env=env, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fewstep.cli",
+            "sample",
+            "--model",
+            str(ZOO / "digits-teacher"),
+            "--prompts-file",
+            str(prompts),
+            "--out",
+            str(out),
+            "--steps",
+            "4",
+            "--device",
+            "cpu",
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
     return np.stack([np.asarray(Image.open(out / f"{i:06d}.png"), dtype=np.int16) for i in range(2)])
 
 
@@ -92,8 +110,12 @@ def test_kernel_benchmark_runs(tmp_path):
     """benchmarks/kernels.py --smoke: every kernel runs through the benchmark and agrees with its reference."""
     out = tmp_path / "kernels.md"
     script = Path(__file__).resolve().parents[2] / "benchmarks" / "kernels.py"
-    run = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(out)], capture_output=True,
-                         text=True, env={**os.environ, "TRITON_INTERPRET": "1"})
+    run = subprocess.run(
+        [sys.executable, str(script), "--smoke", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+    )
     assert run.returncode == 0, run.stderr
     rows = [line for line in out.read_text().splitlines() if line.startswith("| smoke |")]
     assert {r.split("|")[2].strip() for r in rows} == {"qk_norm_rope", "attention", "adaln_modulate"}

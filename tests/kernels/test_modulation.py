@@ -15,7 +15,7 @@ def test_adaln_modulate_matches_float64_reference(channels, dtype):
     b, length = 3, 71
     x = (torch.randn(b, length, channels, generator=g) * 4 + 1).to(dtype)
     mod = torch.randn(b, 1, 6 * channels, generator=g).to(dtype)  # the model's (B, 1, 6C) modulation output
-    shift, scale = mod[..., :channels], mod[..., channels: 2 * channels]  # strided chunks, as in the blocks
+    shift, scale = mod[..., :channels], mod[..., channels : 2 * channels]  # strided chunks, as in the blocks
     out = adaln_modulate_triton(x, shift, scale)
     ref = adaln_modulate_ref(x.double(), shift.double(), scale.double())
     assert out.dtype == dtype

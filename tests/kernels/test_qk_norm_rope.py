@@ -23,8 +23,9 @@ def test_qk_norm_rope_matches_float64_reference(head_dim, dtype):
     cos, sin = rope_tables(position_ids(N_TXT, GRID, GRID), AXES[head_dim], 10_000)
     qs, ks, qt, kt = (torch.rand(head_dim, generator=g) + 0.5 for _ in range(4))  # image and text scales
     q, k, v = qk_norm_rope_triton(qkv, cos, sin, qs, ks, h, 1e-6, N_TXT, qt, kt)
-    rq, rk, rv = qk_norm_rope_ref(qkv.double(), cos.double(), sin.double(), qs.double(), ks.double(), h, 1e-6,
-                                  N_TXT, qt.double(), kt.double())
+    rq, rk, rv = qk_norm_rope_ref(
+        qkv.double(), cos.double(), sin.double(), qs.double(), ks.double(), h, 1e-6, N_TXT, qt.double(), kt.double()
+    )
     assert q.dtype == k.dtype == v.dtype == dtype
     assert_close(q, rq, dtype, f"q D={head_dim} {dtype}")
     assert_close(k, rk, dtype, f"k D={head_dim} {dtype}")

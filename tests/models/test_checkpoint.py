@@ -38,8 +38,12 @@ def test_card_records_provenance(tiny_teacher):
     assert card.role == "teacher" and card.sampling.any_steps
     assert card.sampling.timesteps["4"] == [1.0, 0.75, 0.5, 0.25, 0.0]
     assert card.training["method"] == "rectified-flow" and card.training["steps"] == 3
-    assert set(card.files) == {"transformer.safetensors", "text_encoder.safetensors",
-                               "autoencoder.safetensors", "tokenizer.json"}
+    assert set(card.files) == {
+        "transformer.safetensors",
+        "text_encoder.safetensors",
+        "autoencoder.safetensors",
+        "tokenizer.json",
+    }
 
 
 def test_saving_never_overwrites_silently(tiny_teacher, tmp_path):
@@ -65,8 +69,10 @@ def _broken(src, tmp_path, name="broken"):
         (lambda d: (d / "card.json").write_text("{not json"), r"card\.json: not valid JSON"),
         (lambda d: _truncate(d / "text_encoder.safetensors"), r"text_encoder\.safetensors: \d+ bytes, the card says"),
         (lambda d: _flip_byte(d / "autoencoder.safetensors"), r"autoencoder\.safetensors: sha256 does not match"),
-        (lambda d: _edit_card(d, lambda c: c["model"]["transformer"].update(hidden_size=64, axes_dim=[8, 12, 12])),
-         r"transformer\.safetensors: .*shape"),
+        (
+            lambda d: _edit_card(d, lambda c: c["model"]["transformer"].update(hidden_size=64, axes_dim=[8, 12, 12])),
+            r"transformer\.safetensors: .*shape",
+        ),
         (lambda d: _edit_card(d, lambda c: c.update(role="painter")), r"card\.json: role"),
         (lambda d: _edit_card(d, lambda c: c["model"].update(colour=1)), r"card\.json: model"),
     ],
@@ -83,8 +89,22 @@ def test_cli_reports_a_broken_checkpoint_without_a_traceback(tiny_teacher, tmp_p
     _truncate(d / "transformer.safetensors")
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red 7 on black\n")
-    r = subprocess.run([sys.executable, "-m", "fewstep.cli", "sample", "--model", str(d), "--prompts-file",
-                        str(prompts), "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fewstep.cli",
+            "sample",
+            "--model",
+            str(d),
+            "--prompts-file",
+            str(prompts),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2
     assert "transformer.safetensors" in r.stderr and "Traceback" not in r.stderr
 

@@ -103,8 +103,13 @@ def test_mmdit_shapes_and_text_padding_is_ignored(variant):
 def test_untrained_model_predicts_zero_velocity():
     cfg = get_variant("tiny")
     model = MMDiT(cfg.transformer, cfg.text.dim, cfg.latent_size)
-    out = model(torch.randn(1, 4, 8, 8), torch.tensor([0.5]), torch.randn(1, 12, 16),
-                torch.ones(1, 12, dtype=torch.bool), torch.randn(1, 16))
+    out = model(
+        torch.randn(1, 4, 8, 8),
+        torch.tensor([0.5]),
+        torch.randn(1, 12, 16),
+        torch.ones(1, 12, dtype=torch.bool),
+        torch.randn(1, 16),
+    )
     assert out.abs().max() == 0  # zero-initialised final layer (DiT): training starts from v = 0
 
 
@@ -114,8 +119,13 @@ def test_guidance_embedding_is_required_when_configured():
 
     tcfg = replace(cfg.transformer, guidance_embed=True)
     model = MMDiT(tcfg, cfg.text.dim, cfg.latent_size)
-    args = (torch.randn(1, 4, 8, 8), torch.tensor([0.5]), torch.randn(1, 12, 16),
-            torch.ones(1, 12, dtype=torch.bool), torch.randn(1, 16))
+    args = (
+        torch.randn(1, 4, 8, 8),
+        torch.tensor([0.5]),
+        torch.randn(1, 12, 16),
+        torch.ones(1, 12, dtype=torch.bool),
+        torch.randn(1, 16),
+    )
     with pytest.raises(ValueError, match="guidance"):
         model(*args)
     assert model(*args, guidance=torch.tensor([4.0])).shape == (1, 4, 8, 8)

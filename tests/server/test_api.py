@@ -1,34 +1,37 @@
-"""The HTTP API against a real uvicorn server: endpoints, determinism, errors, auth, request ids."""
+"""The HTTP API in-process through httpx's ASGITransport: endpoints, determinism, errors, auth, request ids."""
 
+import asyncio
 import base64
 import io
+import time
 
 import pytest
 from PIL import Image
 
-from tests.server.conftest import LiveServer, make_settings
+from fewstep.server.api import create_app
+from tests.serving import AppClient, make_settings, running, serve_app
+
+pytestmark = pytest.mark.anyio
 
 
 def _png(b64: str) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(b64)))
 
 
-def test_health_readiness_and_models(live):
-    with live.client() as c:
-        assert c.get("/healthz").text == "ok"
-        ready = c.get("/readyz")
-        assert ready.status_code == 200 and ready.text.startswith("degraded")
-        assert "tiny-broken" in ready.text  # the student that could not load
-        models = {m["id"]: m for m in c.get("/v1/models").json()["data"]}
+async def test_health_readiness_and_models(api):
+    assert (await api.get("/healthz")).text == "ok"
+    ready = await api.get("/readyz")
+    assert ready.status_code == 200 and ready.text.startswith("degraded")
+    assert "tiny-broken" in ready.text  # the student that could not load
+    models = {m["id"]: m for m in (await api.get("/v1/models")).json()["data"]}
     assert models["tiny-student"]["supported_steps"] == [1, 2, 4]
     assert models["tiny-student"]["teacher"] == "tiny-teacher" and models["tiny-student"]["default"]
     assert models["tiny-teacher"]["role"] == "teacher" and models["tiny-teacher"]["native_size"] == "32x32"
     assert models["tiny-broken"]["ready"] is False and "transformer.safetensors" in models["tiny-broken"]["error"]
 
 
-def test_generate_returns_images_with_provenance_and_timings(live):
-    with live.client() as c:
-        r = c.post("/v1/generate", json={"prompt": "a red 7 on black", "steps": 2, "n": 3, "seed": 40})
+async def test_generate_returns_images_with_provenance_and_timings(api):
+    r = await api.post("/v1/generate", json={"prompt": "a red 7 on black", "steps": 2, "n": 3, "seed": 40})
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["served_by"] == "tiny-student" and body["steps"] == 2 and body["fallback_reason"] is None
@@ -38,20 +41,21 @@ def test_generate_returns_images_with_provenance_and_timings(live):
     assert r.headers["x-request-id"]
 
 
-def test_same_seed_same_bytes(live):
+async def test_same_seed_same_bytes(api):
     req = {"prompt": "seven in red on a black background", "steps": 4, "seed": 7}
-    with live.client() as c:
-        a, b = (c.post("/v1/generate", json=req).json() for _ in range(2))
-        other = c.post("/v1/generate", json={**req, "seed": 8}).json()
+    a, b = [(await api.post("/v1/generate", json=req)).json() for _ in range(2)]
+    other = (await api.post("/v1/generate", json={**req, "seed": 8})).json()
     assert a["images"][0]["b64"] == b["images"][0]["b64"]
     assert a["images"][0]["b64"] != other["images"][0]["b64"]
 
 
 @pytest.mark.parametrize("fmt", ["png", "jpeg", "webp"])
-def test_raw_image_with_accept_header(live, fmt):
-    with live.client() as c:
-        r = c.post("/v1/generate", json={"prompt": "a white 0 on blue", "output_format": fmt, "seed": 1},
-                   headers={"accept": f"image/{fmt}"})
+async def test_raw_image_with_accept_header(api, fmt):
+    r = await api.post(
+        "/v1/generate",
+        json={"prompt": "a white 0 on blue", "output_format": fmt, "seed": 1},
+        headers={"accept": f"image/{fmt}"},
+    )
     assert r.status_code == 200 and r.headers["content-type"] == f"image/{fmt}"
     assert Image.open(io.BytesIO(r.content)).format.lower() == fmt
     assert r.headers["x-served-by"] == "tiny-student" and r.headers["x-seed"] == "1"
@@ -79,66 +83,77 @@ def test_raw_image_with_accept_header(live, fmt):
         ({"prompt": "a red 7 on black", "guidance": "strong"}, 400, "guidance"),
     ],
 )
-def test_bad_input_is_a_4xx_naming_the_field(live, payload, status, param):
-    with live.client() as c:
-        if isinstance(payload, str):
-            r = c.post("/v1/generate", content=payload, headers={"content-type": "application/json"})
-        else:
-            r = c.post("/v1/generate", json=payload)
+async def test_bad_input_is_a_4xx_naming_the_field(api, payload, status, param):
+    if isinstance(payload, str):
+        r = await api.post("/v1/generate", content=payload, headers={"content-type": "application/json"})
+    else:
+        r = await api.post("/v1/generate", json=payload)
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert err["param"] == param and err["message"] and err["type"]
 
 
-def test_oversized_body_and_wrong_content_type(live):
-    with live.client() as c:
-        r = c.post("/v1/generate", content=b'{"prompt": "' + b"a" * 70_000 + b'"}',
-                   headers={"content-type": "application/json"})
-        assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
-        r = c.post("/v1/generate", content=b"prompt=a", headers={"content-type": "text/plain"})
-        assert r.status_code == 415
-        assert c.get("/v1/nothing").status_code == 404
-        assert c.get("/v1/generate").status_code == 405
+async def test_oversized_body_and_wrong_content_type(api):
+    r = await api.post(
+        "/v1/generate", content=b'{"prompt": "' + b"a" * 70_000 + b'"}', headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+    r = await api.post("/v1/generate", content=b"prompt=a", headers={"content-type": "text/plain"})
+    assert r.status_code == 415
+    assert (await api.get("/v1/nothing")).status_code == 404
+    assert (await api.get("/v1/generate")).status_code == 405
 
 
-def test_request_id_is_honoured(live):
-    with live.client() as c:
-        r = c.get("/v1/models", headers={"x-request-id": "abc-123"})
-        assert r.headers["x-request-id"] == "abc-123"
-        r = c.get("/v1/models", headers={"x-request-id": "bad id\twith spaces"})
-        assert r.headers["x-request-id"] != "bad id\twith spaces" and len(r.headers["x-request-id"]) == 32
+async def test_request_id_is_honoured(api):
+    r = await api.get("/v1/models", headers={"x-request-id": "abc-123"})
+    assert r.headers["x-request-id"] == "abc-123"
+    r = await api.get("/v1/models", headers={"x-request-id": "bad id\twith spaces"})
+    assert r.headers["x-request-id"] != "bad id\twith spaces" and len(r.headers["x-request-id"]) == 32
 
 
-def test_metrics_show_latencies(live):
-    with live.client() as c:
-        c.post("/v1/generate", json={"prompt": "a red 7 on black", "seed": 3})
-        text = c.get("/metrics").text
-    for name in ("fewstep_request_latency_seconds_bucket", "fewstep_queue_wait_seconds_count",
-                 "fewstep_batch_inference_seconds_count", "fewstep_batch_size_images_count",
-                 "fewstep_queue_depth_requests", "fewstep_requests_in_flight", "fewstep_images_generated_total",
-                 "fewstep_errors_total"):
+async def test_metrics_show_latencies(api):
+    await api.post("/v1/generate", json={"prompt": "a red 7 on black", "seed": 3})
+    text = (await api.get("/metrics")).text
+    for name in (
+        "fewstep_request_latency_seconds_bucket",
+        "fewstep_queue_wait_seconds_count",
+        "fewstep_batch_inference_seconds_count",
+        "fewstep_batch_size_images_count",
+        "fewstep_queue_depth_requests",
+        "fewstep_requests_in_flight",
+        "fewstep_images_generated_total",
+        "fewstep_errors_total",
+    ):
         assert name in text, name
     assert 'endpoint="generate",model="tiny-student",status="200",steps="1"' in text
 
 
-def test_api_keys_protect_v1(models_dir):
-    with LiveServer(make_settings(models_dir, api_keys=["s3cret"], warmup=False)) as server, server.client() as c:
-        r = c.post("/v1/generate", json={"prompt": "a red 7 on black"})
+async def test_api_keys_protect_v1(models_dir):
+    async with serve_app(make_settings(models_dir, api_keys=["s3cret"], warmup=False)) as c:
+        r = await c.post("/v1/generate", json={"prompt": "a red 7 on black"})
         assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
-        assert c.post("/v1/generate", json={"prompt": "a red 7 on black"},
-                      headers={"authorization": "Bearer wrong"}).status_code == 401
-        assert c.post("/v1/generate", json={"prompt": "a red 7 on black"},
-                      headers={"authorization": "Bearer s3cret"}).status_code == 200
-        assert c.get("/healthz").status_code == 200  # probes stay open
+        assert (
+            await c.post("/v1/generate", json={"prompt": "a red 7 on black"}, headers={"authorization": "Bearer wrong"})
+        ).status_code == 401
+        assert (
+            await c.post(
+                "/v1/generate", json={"prompt": "a red 7 on black"}, headers={"authorization": "Bearer s3cret"}
+            )
+        ).status_code == 200
+        assert (await c.get("/healthz")).status_code == 200  # probes stay open
 
 
-def test_readyz_is_503_until_warm_up_ends(models_dir):
-    server = LiveServer(make_settings(models_dir))
-    assert server.engine.readiness() == ("unavailable", ["warming up"])  # before start: /readyz answers 503
-    with server, server.client() as c:
-        for _ in range(600):
-            r = c.get("/readyz")
-            if r.status_code == 200:
-                break
-            assert r.status_code == 503 and "warming up" in r.text
-        assert r.status_code == 200 and server.engine.warmed_up
+async def test_readyz_is_503_until_warm_up_ends(models_dir):
+    app = create_app(make_settings(models_dir))
+    engine = app.state.engine
+    assert engine.readiness() == ("unavailable", ["warming up"])  # before start: /readyz answers 503
+    async with AppClient(app) as c:
+        r = await c.get("/readyz")
+        assert r.status_code == 503 and "warming up" in r.text
+        async with running(app, warm=False):  # the warm-up runs in the background
+            deadline = time.monotonic() + 60
+            while (r := await c.get("/readyz")).status_code != 200:
+                assert r.status_code == 503 and "warming up" in r.text
+                assert time.monotonic() < deadline, "never warmed up"
+                await asyncio.sleep(0.01)
+            assert r.status_code == 200 and engine.warmed_up

@@ -1,4 +1,5 @@
-"""The engine under load through the real server: batching, the bounded queue, timeouts, disconnects."""
+"""The engine under load: batching, the bounded queue and timeouts in-process through httpx's ASGITransport;
+a client that hangs up through a real uvicorn server (a disconnect needs a socket)."""
 
 import asyncio
 import base64
@@ -7,25 +8,27 @@ import io
 
 import httpx
 import numpy as np
+import pytest
 from PIL import Image
 
-from tests.server.conftest import LiveServer, make_settings
+from tests.serving import LiveServer, make_settings, serve_app
 
 
-async def _many(url, payloads, timeout=60):
-    async with httpx.AsyncClient(base_url=url, timeout=timeout) as c:
-        return await asyncio.gather(*(c.post("/v1/generate", json=p) for p in payloads))
+async def _many(c, payloads):
+    return await asyncio.gather(*(c.post("/v1/generate", json=p) for p in payloads))
 
 
-def test_concurrent_requests_form_batches(models_dir):
-    with LiveServer(make_settings(models_dir, max_wait_ms=300, max_batch=8, warmup=False)) as server:
+@pytest.mark.anyio
+async def test_concurrent_requests_form_batches(models_dir):
+    async with serve_app(make_settings(models_dir, max_wait_ms=300, max_batch=8, warmup=False)) as c:
         payloads = [{"prompt": f"a red {i} on black", "seed": i, "steps": 1} for i in range(8)]
-        responses = asyncio.run(_many(server.url, payloads))
-        with server.client() as c:
-            alone = c.post("/v1/generate", json=payloads[3]).json()
+        responses = await _many(c, payloads)
+        alone = (await c.post("/v1/generate", json=payloads[3])).json()
     bodies = [r.json() for r in responses]
     assert all(r.status_code == 200 for r in responses)
     assert max(b["batch_images"] for b in bodies) > 1
+    assert alone["batch_images"] == 1
+
     # batched or alone, the image is the same (within 1/255; here bit-identical PNGs are typical)
     def arr(b64):
         return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))), dtype=np.int16)
@@ -33,26 +36,30 @@ def test_concurrent_requests_form_batches(models_dir):
     assert np.abs(arr(bodies[3]["images"][0]["b64"]) - arr(alone["images"][0]["b64"])).max() <= 1
 
 
-def test_a_full_queue_answers_429_with_retry_after(models_dir):
+@pytest.mark.anyio
+async def test_a_full_queue_answers_429_with_retry_after(models_dir):
     settings = make_settings(models_dir, queue_size=1, max_batch=1, warmup=False, retry_after_s=2)
-    with LiveServer(settings) as server:
+    async with serve_app(settings) as c:
         # the teacher at 100 steps is slow enough to keep the device busy while the rest arrive
         payloads = [{"prompt": "a red 7 on black", "model": "tiny-teacher", "steps": 100, "seed": i} for i in range(6)]
-        responses = asyncio.run(_many(server.url, payloads))
+        responses = await _many(c, payloads)
     codes = [r.status_code for r in responses]
     assert 429 in codes and 200 in codes
     limited = next(r for r in responses if r.status_code == 429)
     assert limited.headers["retry-after"] == "2" and limited.json()["error"]["code"] == "queue_full"
 
 
-def test_a_slow_request_times_out_with_504(models_dir):
-    with LiveServer(make_settings(models_dir, request_timeout_s=0.05, warmup=False)) as server, server.client() as c:
-        r = c.post("/v1/generate", json={"prompt": "a red 7 on black", "model": "tiny-teacher", "steps": 100})
+@pytest.mark.anyio
+async def test_a_slow_request_times_out_with_504(models_dir):
+    async with serve_app(make_settings(models_dir, request_timeout_s=0.05, warmup=False)) as c:
+        r = await c.post("/v1/generate", json={"prompt": "a red 7 on black", "model": "tiny-teacher", "steps": 100})
     assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
 
 
+@pytest.mark.slow
 def test_a_disconnected_client_is_dropped_before_it_runs(models_dir):
     with LiveServer(make_settings(models_dir, max_batch=8, warmup=False)) as server:
+
         async def queue_depth(c) -> float:
             for line in (await c.get("/metrics")).text.splitlines():
                 if line.startswith("fewstep_queue_depth_requests "):
@@ -62,13 +69,32 @@ def test_a_disconnected_client_is_dropped_before_it_runs(models_dir):
         async def scenario():
             async with httpx.AsyncClient(base_url=server.url, timeout=120) as c:
                 # keeps the device busy: 8 teacher images at 100 steps
-                busy = asyncio.create_task(c.post("/v1/generate", json={
-                    "prompt": "a red 7 on black", "model": "tiny-teacher", "steps": 100, "n": 8, "guidance": 2.5}))
+                busy = asyncio.create_task(
+                    c.post(
+                        "/v1/generate",
+                        json={
+                            "prompt": "a red 7 on black",
+                            "model": "tiny-teacher",
+                            "steps": 100,
+                            "n": 8,
+                            "guidance": 2.5,
+                        },
+                    )
+                )
                 while await queue_depth(c) > 0 or not server.engine.executor._work_queue.empty():
                     await asyncio.sleep(0.01)
                 async with httpx.AsyncClient(base_url=server.url, timeout=120) as impatient:
-                    gone = asyncio.create_task(impatient.post("/v1/generate", json={
-                        "prompt": "a blue 1 on white", "model": "tiny-teacher", "steps": 100, "guidance": 3.5}))
+                    gone = asyncio.create_task(
+                        impatient.post(
+                            "/v1/generate",
+                            json={
+                                "prompt": "a blue 1 on white",
+                                "model": "tiny-teacher",
+                                "steps": 100,
+                                "guidance": 3.5,
+                            },
+                        )
+                    )
                     while await queue_depth(c) < 1:  # queued behind the busy batch
                         await asyncio.sleep(0.01)
                     gone.cancel()  # the client hangs up

@@ -6,17 +6,20 @@ import shutil
 
 import pytest
 
-from tests.server.conftest import LiveServer, make_settings
+from tests.serving import LiveServer, make_settings
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is a dev dependency: pip install -e '.[dev]'")
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 if not (CHROMIUM and CHROMEDRIVER):
-    pytest.skip("Debian's chromium and chromium-driver are not installed (.ci/run installs them)",
-                allow_module_level=True)
+    pytest.skip(
+        "Debian's chromium and chromium-driver are not installed (.ci/run installs them)", allow_module_level=True
+    )
 
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support import expected_conditions as ec  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -24,9 +27,18 @@ def browser(tmp_path_factory):
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
     # headless as root in a sandbox with no network: the flags that keep Chromium from phoning home
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={tmp_path_factory.mktemp('chromium')}",
+    ):
         opts.add_argument(flag)
     driver = webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
     yield driver
@@ -43,8 +55,12 @@ def generate(browser, url: str, prompt: str, steps: str, n: int = 1):
     n_box.clear()
     n_box.send_keys(str(n))
     browser.find_element(By.ID, "generate").click()
-    WebDriverWait(browser, 60).until(lambda d: d.find_element(By.ID, "generate").is_enabled()
-                                     and d.find_element(By.ID, "status").text not in ("", "generating…"))
+    WebDriverWait(browser, 60).until(
+        lambda d: (
+            d.find_element(By.ID, "generate").is_enabled()
+            and d.find_element(By.ID, "status").text not in ("", "generating…")
+        )
+    )
 
 
 def test_type_a_prompt_click_generate_and_an_image_appears(browser, live):

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from fewstep.server.settings import load_settings
-from tests.server.conftest import free_port
+from tests.serving import free_port
 
 
 def test_flags_beat_environment_beat_file(tmp_path, monkeypatch):
@@ -34,11 +34,30 @@ def test_bad_settings_are_clear_errors(tmp_path):
         load_settings(tmp_path / "missing.yaml")
 
 
+@pytest.mark.slow
 def test_fewstep_serve_serves_then_drains_on_sigterm(models_dir):
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "fewstep.cli", "serve", "--models", str(models_dir), "--port",
-                             str(port), "--device", "cpu", "--default-model", "tiny-student", "--log-level", "info"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fewstep.cli",
+            "serve",
+            "--models",
+            str(models_dir),
+            "--port",
+            str(port),
+            "--device",
+            "cpu",
+            "--default-model",
+            "tiny-student",
+            "--log-level",
+            "info",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120
@@ -55,8 +74,11 @@ def test_fewstep_serve_serves_then_drains_on_sigterm(models_dir):
         result = {}
 
         def slow():
-            result["r"] = httpx.post(url + "/v1/generate", timeout=60, json={
-                "prompt": "a red 7 on black", "model": "tiny-teacher", "steps": 100, "n": 4})
+            result["r"] = httpx.post(
+                url + "/v1/generate",
+                timeout=60,
+                json={"prompt": "a red 7 on black", "model": "tiny-teacher", "steps": 100, "n": 4},
+            )
 
         t = threading.Thread(target=slow)
         t.start()

@@ -18,9 +18,16 @@ from fewstep.training.data import (
 
 def test_palette_is_exactly_the_benchmarks():
     assert PALETTE == {
-        "black": (0, 0, 0), "white": (255, 255, 255), "red": (220, 40, 40), "green": (40, 180, 60),
-        "blue": (40, 80, 220), "yellow": (240, 220, 40), "orange": (250, 140, 30), "purple": (140, 60, 200),
-        "cyan": (40, 200, 220), "gray": (128, 128, 128),
+        "black": (0, 0, 0),
+        "white": (255, 255, 255),
+        "red": (220, 40, 40),
+        "green": (40, 180, 60),
+        "blue": (40, 80, 220),
+        "yellow": (240, 220, 40),
+        "orange": (250, 140, 30),
+        "purple": (140, 60, 200),
+        "cyan": (40, 200, 220),
+        "gray": (128, 128, 128),
     }
 
 

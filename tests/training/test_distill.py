@@ -1,6 +1,7 @@
 """Every distillation method end to end on the tiny teacher, and every loss against hand-computed values."""
 
 import math
+from dataclasses import fields
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ import torch
 from fewstep.models.checkpoint import read_card
 from fewstep.models.flow import consistency_coefficients, consistency_function
 from fewstep.models.pipeline import TextToImage
+from fewstep.training.config import LOOP_FIELDS, _merge, build_config, parse_sets
 from fewstep.training.distill.config import DistillConfig
 from fewstep.training.distill.losses import (
     dmd_gradient,
@@ -18,14 +20,29 @@ from fewstep.training.distill.losses import (
     pseudo_huber,
 )
 from fewstep.training.distill.methods import distill
+from fewstep.training.recipe import Context
 
 
-def tiny_distill(tmp_path, teacher, **changes):
-    base = dict(teacher=str(teacher), data="synthetic", batch_size=4, max_steps=2, warmup_steps=1, log_every=1,
-                out=str(tmp_path), name="tiny-student", export_dtype="float32", start_steps=4, grid_steps=4,
-                pairs=8, samples=8, pair_steps=2, fake_updates=2)
+def tiny_distill(tmp_path, teacher, sets=(), **changes):
+    """A tiny run's config, built as the CLI builds it: loop keys at the top, method keys in their section."""
+    base = dict(
+        teacher=str(teacher),
+        data="synthetic",
+        batch_size=4,
+        max_steps=2,
+        warmup_steps=1,
+        log_every=1,
+        out=str(tmp_path),
+        name="tiny-student",
+        export_dtype="float32",
+        progressive={"start_steps": 4},
+        consistency={"grid_steps": 4},
+        reflow={"pairs": 8, "pair_steps": 2},
+        dmd2={"fake_updates": 2},
+        ladd={"samples": 8, "sample_steps": 2},
+    )
     base.update(changes)
-    return DistillConfig(**base)
+    return build_config(DistillConfig, _merge(base, parse_sets(list(sets))))
 
 
 @pytest.mark.parametrize(
@@ -35,7 +52,7 @@ def tiny_distill(tmp_path, teacher, **changes):
         ("consistency", {}, [[1, 2, 4]]),
         ("reflow", {}, [[1, 2, 4, 8], [1, 2, 4]]),
         ("dmd2", {}, [[1]]),
-        ("dmd2", {"generator_steps": 4}, [[4]]),
+        ("dmd2", {"dmd2": {"generator_steps": 4, "fake_updates": 2}}, [[4]]),
         ("ladd", {}, [[1, 2, 4]]),
     ],
 )
@@ -46,20 +63,28 @@ def test_method_yields_loadable_students(tiny_teacher, tmp_path, method, changes
     for path in students:
         card = read_card(path)
         assert card.role == "student" and card.training["method"] == method
+        # the card records the loop's settings and this method's section only, no other method's knobs
+        assert set(card.training["loop"]) == set(LOOP_FIELDS)
+        section = {f.name for f in fields(getattr(DistillConfig(), method))}
+        assert set(card.training["settings"]) == {"teacher", "teacher_guidance", *section}
         assert card.teacher.name == teacher_card.name
         assert card.teacher.sha256 == teacher_card.files["transformer.safetensors"].sha256
         student = TextToImage.load(path)
         for steps in card.sampling.supported_steps():
             images = student.generate(["a red 7 on black", "two in blue on a white background"], [1, 2], steps=steps)
             assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
+        # any count up to 8 samples on the uniform grid; which counts it serves is what its card lists or measured
+        assert 3 not in card.serves_steps() and student.supports(3) and not student.supports(9)
         with pytest.raises(ValueError, match="supports steps"):
-            student.generate(["a red 7 on black"], [1], steps=3)
+            student.generate(["a red 7 on black"], [1], steps=9)
 
 
 def test_a_progressive_round_halves_the_step_count(tiny_teacher, tmp_path):
-    students = distill(tiny_distill(tmp_path, tiny_teacher, method="progressive", start_steps=8, max_steps=3))
+    students = distill(
+        tiny_distill(tmp_path, tiny_teacher, method="progressive", max_steps=3, sets=["progressive.start_steps=8"])
+    )
     cards = [read_card(s) for s in students]
-    assert [c.training["round_teacher_steps"] for c in cards] == [8, 4, 2]
+    assert [c.training["resolved"]["round_teacher_steps"] for c in cards] == [8, 4, 2]
     assert [c.sampling.default_steps for c in cards] == [4, 2, 1]
     assert cards[0].sampling.timesteps["4"] == [1.0, 0.75, 0.5, 0.25, 0.0]
 
@@ -121,19 +146,25 @@ def test_consistency_loss_on_a_fixed_input(tiny_teacher):
     from fewstep.training.distill.consistency import ConsistencyRecipe
     from fewstep.training.distill.losses import default_huber_c
 
-    cfg = tiny_distill(None, tiny_teacher, method="consistency", target_ema=0.0)
+    cfg = tiny_distill("unused", tiny_teacher, method="consistency", sets=["consistency.target_ema=0"])
     teacher = TextToImage.load(tiny_teacher)
     for net in (teacher.transformer,):
         with torch.no_grad():  # zero velocity: the teacher step keeps x, f = (c_skip + c_out)·x
             net.final_layer.linear.weight.zero_()
             net.final_layer.linear.bias.zero_()
     recipe = ConsistencyRecipe(cfg, teacher)
-    recipe.setup(torch.device("cpu"), lambda m: m, recipe.module)
+    recipe.setup(Context(device=torch.device("cpu"), module=recipe.module))
     x0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     t, s = torch.tensor([0.5, 0.25]), torch.tensor([0.25, 0.0])
-    batch = {"x0": x0, "noise": noise, "t": t, "s": s, "w": torch.tensor([2.0, 3.0]),
-             "cond": teacher.encode_text(["a red 7 on black", "a"])}
-    loss, _ = recipe.train_step(batch, lr=0.0)
+    batch = {
+        "x0": x0,
+        "noise": noise,
+        "t": t,
+        "s": s,
+        "w": torch.tensor([2.0, 3.0]),
+        "cond": teacher.encode_text(["a red 7 on black", "a"]),
+    }
+    loss, _ = recipe.train_step(batch)
     x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * noise
     ct, ot = consistency_coefficients(t)
     cs, os_ = consistency_coefficients(s)

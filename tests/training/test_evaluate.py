@@ -37,8 +37,22 @@ def test_eval_prompts_are_fixed_and_cover_every_phrasing():
 
 
 def test_markdown_table():
-    res = {"model": "m", "n": 10, "real_floor_fd": 0.5, "threads": 2, "device": "cpu",
-           "rows": [{"steps": 4, "digit_accuracy": 0.97, "fg_accuracy": 1.0, "bg_accuracy": 0.99, "fd": 1.234,
-                     "ms_per_image": 3.0}]}
+    res = {
+        "model": "m",
+        "n": 10,
+        "real_floor_fd": 0.5,
+        "threads": 2,
+        "device": "cpu",
+        "rows": [
+            {
+                "steps": 4,
+                "digit_accuracy": 0.97,
+                "fg_accuracy": 1.0,
+                "bg_accuracy": 0.99,
+                "fd": 1.234,
+                "ms_per_image": 3.0,
+            }
+        ],
+    }
     md = markdown_table([res])
     assert "| m | 4 | 97.0% | 100.0% | 99.0% | 1.23 (0.50) | 3.00 |" in md

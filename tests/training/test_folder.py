@@ -62,8 +62,9 @@ def test_teacher_trains_on_a_folder_and_samples(tmp_path):
     root = make_folder(tmp_path / "imgs")
     data = f"folder:{root}"
     ae = run_stage(tmp_path / "ae", stage="autoencoder", name="my-ae", data=data, max_steps=2)
-    teacher = run_stage(tmp_path / "teacher", stage="teacher", name="my-teacher", data=data, autoencoder=str(ae),
-                        max_steps=2)
+    teacher = run_stage(
+        tmp_path / "teacher", stage="teacher", name="my-teacher", data=data, autoencoder=str(ae), max_steps=2
+    )
     model = TextToImage.load(teacher)
     ids, _ = model.tokenizer.encode(["a square number 1"])
     assert (ids != model.tokenizer.index["[UNK]"]).all()  # its own words are in the vocabulary

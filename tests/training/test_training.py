@@ -39,15 +39,22 @@ class _Interrupt:
     """Wraps a recipe and stops the run (as Ctrl-C would) when it asks for batch ``at``."""
 
     def __init__(self, recipe, at):
-        self.recipe, self.at, self.module = recipe, at, recipe.module
+        self.recipe, self.at, self.module, self.batches = recipe, at, recipe.module, 0
 
-    def make_batch(self, step, g):
-        if step == self.at:
+    def setup(self, ctx):
+        self.recipe.setup(ctx)
+
+    def make_batch(self, g):
+        if self.batches == self.at:
             raise KeyboardInterrupt
-        return self.recipe.make_batch(step, g)
+        self.batches += 1
+        return self.recipe.make_batch(g)
 
     def prepare(self, batch, device):
         return self.recipe.prepare(batch, device)
+
+    def train_step(self, batch):
+        return self.recipe.train_step(batch)
 
     def export(self, *a):
         return self.recipe.export(*a)
@@ -62,8 +69,8 @@ def test_resume_continues_exactly(tiny_ae, tmp_path):
         train(broken, _Interrupt(make_recipe(broken), at=5), quiet=True)
     info = train(broken, make_recipe(broken), quiet=True)  # resumes from the step-4 state
     assert info.step == 8
-    a = torch.load(tmp_path / "a" / "state.pt", weights_only=False)
-    b = torch.load(tmp_path / "b" / "state.pt", weights_only=False)
+    a = torch.load(tmp_path / "a" / "state.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "state.pt", weights_only=True)
     for k in a["module"]:
         assert torch.equal(a["module"][k], b["module"][k]), k
 
@@ -87,8 +94,8 @@ def test_two_gloo_processes_match_one_process(tiny_ae, tmp_path):
         torch.set_num_threads(os.cpu_count() or 1)
     double = tiny_config(tmp_path / "ddp", **kw)
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), double), nprocs=2, join=True)
-    a = torch.load(tmp_path / "single" / "state.pt", weights_only=False)["module"]
-    b = torch.load(tmp_path / "ddp" / "state.pt", weights_only=False)["module"]
+    a = torch.load(tmp_path / "single" / "state.pt", weights_only=True)["module"]
+    b = torch.load(tmp_path / "ddp" / "state.pt", weights_only=True)["module"]
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert worst < 1e-4, worst
     changed = max(float((a[k] - make_recipe(single).module.state_dict()[k]).abs().max()) for k in a)
@@ -117,3 +124,47 @@ def test_lr_warms_up_then_decays_by_steps_or_by_the_clock():
     assert lr_at(cfg, 110) == pytest.approx(0.1)
     timed = TrainConfig(lr=1.0, warmup_steps=10, max_steps=10_000, max_minutes=1.0, min_lr_ratio=0.1)
     assert lr_at(timed, 20, seconds=60.0) == pytest.approx(0.1)
+
+
+def test_nested_sections_and_none_means_inherit(tmp_path):
+    from fewstep.training.distill.config import DistillConfig
+
+    path = tmp_path / "d.yaml"
+    path.write_text("method: dmd2\nlr: 0.001\ndmd2:\n  fake_updates: 3\n")
+    cfg = load_config(DistillConfig, path, ["dmd2.gan_weight=0.01", "consistency.student_steps=1,2"])
+    assert cfg.dmd2.fake_updates == 3 and cfg.dmd2.gan_weight == 0.01 and cfg.dmd2.fake_lr is None
+    assert cfg.consistency.student_steps == (1, 2) and cfg.teacher_guidance is None and cfg.max_minutes is None
+    assert cfg.settings is cfg.dmd2
+    with pytest.raises(ValueError, match=r"unknown config keys \['dmd2.fake_steps'\]"):
+        load_config(DistillConfig, path, ["dmd2.fake_steps=2"])
+    with pytest.raises(ValueError, match="dmd2.fake_updates: expected int"):
+        load_config(DistillConfig, path, ["dmd2.fake_updates=many"])
+
+
+def test_auxiliary_networks_resume_and_export(tiny_teacher, tmp_path):
+    """DMD2's fake score is an Auxiliary: its weights and optimiser are in the run state and it is exported."""
+    from fewstep.training.config import build_config
+    from fewstep.training.distill.config import DistillConfig
+    from fewstep.training.distill.methods import distill
+
+    cfg = build_config(
+        DistillConfig,
+        dict(
+            method="dmd2",
+            teacher=str(tiny_teacher),
+            data="synthetic",
+            batch_size=2,
+            max_steps=2,
+            warmup_steps=1,
+            out=str(tmp_path),
+            export_dtype="float32",
+            dmd2={"fake_updates": 1},
+        ),
+    )
+    distill(cfg)
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    assert set(state["aux"]) == {"fake_score"} and state["aux"]["fake_score"]["opt"]["state"]
+    assert (tmp_path / "auxiliary" / "fake_score.safetensors").exists()
+    # resuming a finished run loads the auxiliary's state and trains no further
+    info = distill(cfg)
+    assert info == [tmp_path / "export"]

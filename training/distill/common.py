@@ -17,13 +17,12 @@ from fewstep.models.pipeline import TextToImage
 from fewstep.models.text import TextCond
 from fewstep.training.data import load_data, sample_batch
 from fewstep.training.distill.config import DistillConfig
+from fewstep.training.recipe import Context, RecipeBase
 
 
 def load_teacher(path: str | Path, device: str | torch.device = "cpu") -> TextToImage:
-    teacher = TextToImage.load(path, device)
-    if teacher.card.role not in ("teacher", "student"):
-        raise ValueError(f"{path}: not a teacher")
-    return teacher
+    """The frozen teacher: a text-to-image checkpoint (a student may teach the next round)."""
+    return TextToImage.load(path, device)
 
 
 def build_student(teacher: TextToImage, guidance_embed: bool = False) -> MMDiT:
@@ -45,7 +44,8 @@ def build_student(teacher: TextToImage, guidance_embed: bool = False) -> MMDiT:
 
 
 def teacher_guidance(cfg: DistillConfig, teacher: TextToImage) -> float:
-    return teacher.sampling.guidance if cfg.teacher_guidance < 0 else cfg.teacher_guidance
+    """The CFG scale of the teacher's targets: the config's, else (None) the teacher card's default."""
+    return teacher.sampling.guidance if cfg.teacher_guidance is None else cfg.teacher_guidance
 
 
 class Conditioner:
@@ -72,8 +72,9 @@ def velocity(net: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: TextCond, g
 
 
 @torch.no_grad()
-def guided_velocity(net: MMDiT, x: torch.Tensor, t: torch.Tensor, cond: TextCond, empty: TextCond,
-                    w: torch.Tensor | float) -> torch.Tensor:
+def guided_velocity(
+    net: MMDiT, x: torch.Tensor, t: torch.Tensor, cond: TextCond, empty: TextCond, w: torch.Tensor | float
+) -> torch.Tensor:
     """Teacher velocity with CFG, v_u + w·(v_c − v_u); ``w`` may differ per sample (LCM's w ~ U[a, b])."""
     w = torch.as_tensor(w, device=x.device, dtype=x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
     if bool((w == 1).all()):
@@ -116,6 +117,24 @@ def prepare_common(batch: dict[str, Any], device: torch.device, cond: Conditione
     return out
 
 
+class DistillRecipe(RecipeBase):
+    """A recipe over a frozen teacher: moves it to the run's device, encodes captions (and data images, when
+    ``source`` is set) with it. Subclasses set ``module`` (the student, or a loss module around it)."""
+
+    source: DataSource | None = None
+
+    def __init__(self, cfg: DistillConfig, teacher: TextToImage):
+        self.cfg, self.teacher = cfg, teacher
+        self.cond = Conditioner(teacher)
+
+    def setup(self, ctx: Context) -> None:
+        super().setup(ctx)
+        self.teacher.to(ctx.device)
+
+    def prepare(self, batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+        return prepare_common(batch, device, self.cond, self.source)
+
+
 def export_student(
     teacher: TextToImage,
     transformer: MMDiT,
@@ -128,9 +147,14 @@ def export_student(
     guidance: float = 1.0,
     grids: dict[int, list[float]] | None = None,
     extra: dict[str, Any] | None = None,
+    consistency: tuple[float, float] | None = None,
 ) -> TextToImage:
     """Write a student checkpoint: the student's transformer with the teacher's text encoder, tokenizer and
-    autoencoder, and a card naming the method, its hyper-parameters, step counts and the teacher."""
+    autoencoder, and a card naming the method, its settings, step counts and the teacher.
+
+    ``info`` is what the loop reports (steps, duration, the loop's and the method's settings); ``extra`` adds
+    values the recipe resolved (the teacher's CFG scale it used, the Huber constant, ...); ``consistency`` is
+    (sigma_data, boundary_scale) for a consistency-parameterised student."""
     config = replace(teacher.config, transformer=transformer.cfg)
     student = TextToImage(config, teacher.tokenizer, teacher.text_encoder, transformer, teacher.autoencoder)
     student.to("cpu")
@@ -140,16 +164,19 @@ def export_student(
         "role": "student",
         "parameterization": parameterization,
         "sampling": {
-            "default_steps": min(steps), "sampler": sampler, "any_steps": False, "guidance": guidance,
-            "timesteps": {str(s): grids[s] for s in steps}, "max_steps": max(steps),
+            "default_steps": min(steps),
+            "sampler": sampler,
+            "any_steps": False,
+            "guidance": guidance,
+            "timesteps": {str(s): grids[s] for s in steps},
+            "max_steps": max(steps),
         },
         "teacher": {"name": teacher.name, "sha256": teacher.weights_sha256()},
-        "training": {"method": cfg.method, **{k: v for k, v in info.items() if k != "config"},
-                     "hyperparameters": info["config"], **(extra or {})},
+        "training": {"method": cfg.method, **info, **({"resolved": extra} if extra else {})},
         "data": {"name": cfg.data, "teacher_generated": cfg.method in ("reflow", "ladd")},
     }
-    if parameterization == "consistency":
-        card["sampling"].update(sigma_data=cfg.sigma_data, boundary_scale=cfg.boundary_scale)
+    if consistency is not None:
+        card["sampling"].update(sigma_data=consistency[0], boundary_scale=consistency[1])
     student.save(out_dir, card, dtype=cfg.export_dtype, overwrite=True)
     teacher.to(teacher.device)  # export moved the shared modules to the CPU
     print(f"student exported to {out_dir} (steps {steps})")

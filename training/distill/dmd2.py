@@ -19,20 +19,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fewstep.errors import UsageError
 from fewstep.models.flow import interpolate, logit_normal_t, timesteps, x0_from_velocity
+from fewstep.models.pipeline import TextToImage
 from fewstep.training.distill.common import (
-    Conditioner,
     DataSource,
+    DistillRecipe,
     build_student,
     export_student,
     guided_velocity,
-    load_teacher,
-    prepare_common,
     teacher_guidance,
     velocity,
 )
 from fewstep.training.distill.config import DistillConfig
 from fewstep.training.distill.losses import dmd_gradient, dmd_loss, gan_discriminator, gan_generator
+from fewstep.training.recipe import Context
 
 GAN_DISC_WEIGHT = 1e-2  # DMD2's weight of the classifier loss in the fake-score update
 
@@ -53,27 +54,30 @@ class FakeScore(nn.Module):
         return v, self.head(feats[-1].mean(1)).squeeze(-1)  # (B,)
 
 
-class DMD2Recipe:
-    def __init__(self, cfg: DistillConfig, teacher=None):
-        if cfg.generator_steps not in (1, 2, 4):
-            raise ValueError(f"generator_steps must be 1, 2 or 4, got {cfg.generator_steps}")
-        self.cfg = cfg
-        self.teacher = teacher or load_teacher(cfg.teacher)
-        self.cond = Conditioner(self.teacher)
-        self.source = DataSource(cfg, self.teacher)
-        self.module = build_student(self.teacher)
-        self.fake = FakeScore(copy.deepcopy(self.teacher.transformer).train().requires_grad_(True))
-        self.grid = timesteps(cfg.generator_steps)
-        self.guidance = teacher_guidance(cfg, self.teacher)
+class DMD2Recipe(DistillRecipe):
+    def __init__(self, cfg: DistillConfig, teacher: TextToImage):
+        super().__init__(cfg, teacher)
+        self.s = cfg.dmd2
+        if self.s.generator_steps not in (1, 2, 4):
+            raise UsageError(f"dmd2.generator_steps must be 1, 2 or 4, got {self.s.generator_steps}")
+        self.source = DataSource(cfg, teacher)
+        self.module = build_student(teacher)
+        self.grid = timesteps(self.s.generator_steps)
+        self.guidance = teacher_guidance(cfg, teacher)
 
-    def make_batch(self, step: int, generator: torch.Generator) -> dict[str, Any]:
-        b, shape, k = self.cfg.batch_size, self.teacher.latent_shape, self.cfg.fake_updates
+    def setup(self, ctx: Context) -> None:
+        super().setup(ctx)
+        fake = FakeScore(copy.deepcopy(self.teacher.transformer))
+        self.fake = ctx.auxiliary("fake_score", fake, lr=self.s.fake_lr or self.cfg.lr, export=True)
+
+    def make_batch(self, generator: torch.Generator) -> dict[str, Any]:
+        b, shape, k = self.cfg.batch_size, self.teacher.latent_shape, self.s.fake_updates
         batch = self.source.draw(b, generator)  # real images for the GAN head
-        lo, hi = self.cfg.dmd_t_min, self.cfg.dmd_t_max
+        lo, hi = self.s.t_min, self.s.t_max
         batch.update(
             z=torch.randn(b, *shape, generator=generator),
             sim_noise=torch.randn(len(self.grid), b, *shape, generator=generator),
-            k=torch.randint(0, self.cfg.generator_steps, (1,), generator=generator).expand(b).clone(),
+            k=torch.randint(0, self.s.generator_steps, (1,), generator=generator).expand(b).clone(),
             fake_t=logit_normal_t(k * b, generator).view(k, b),
             fake_eps=torch.randn(k, b, *shape, generator=generator),
             real_eps=torch.randn(k, b, *shape, generator=generator),
@@ -84,16 +88,6 @@ class DMD2Recipe:
         )
         return batch
 
-    def prepare(self, batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-        return prepare_common(batch, device, self.cond, self.source)
-
-    def setup(self, device: torch.device, wrap, student: nn.Module) -> None:
-        self.student = student
-        self.teacher.to(device)
-        self.fake.to(device)
-        self.fake_ddp = wrap(self.fake)
-        self.fake_opt = torch.optim.AdamW(self.fake.parameters(), lr=self.cfg.fake_lr, betas=self.cfg.betas)
-
     def generate(self, z: torch.Tensor, cond, k: int, sim_noise: torch.Tensor) -> torch.Tensor:
         """Backward simulation: run the generator's own first k steps without gradients, then step k with."""
         ones = torch.ones(len(z), device=z.device)
@@ -103,9 +97,9 @@ class DMD2Recipe:
                 x0 = x0_from_velocity(x, velocity(self.module, x, ones * self.grid[j], cond), ones * self.grid[j])
                 x = interpolate(x0, sim_noise[j], ones * self.grid[j + 1])
         t = ones * self.grid[k]
-        return x0_from_velocity(x, velocity(self.student, x, t, cond), t)
+        return x0_from_velocity(x, velocity(self.ctx.module, x, t, cond), t)
 
-    def train_step(self, batch: dict[str, Any], lr: float):
+    def train_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
         cond, x_real = batch["cond"], batch["x0"]
         x_gen = self.generate(batch["z"], cond, int(batch["k"][0]), batch["sim_noise"])
         fake_logs = self._update_fake(x_gen.detach(), x_real, cond, batch)
@@ -115,37 +109,35 @@ class DMD2Recipe:
         x_t = interpolate(x_gen, eps, t)
         with torch.no_grad():
             v_real = guided_velocity(self.teacher.transformer, x_t, t, cond, self.cond.empty(len(t)), self.guidance)
-            v_fake = self.fake(x_t, t, cond)
+            v_fake = self.fake.module(x_t, t, cond)
             grad = dmd_gradient(x_gen.detach(), x0_from_velocity(x_t, v_real, t), x0_from_velocity(x_t, v_fake, t))
         loss_dm = dmd_loss(x_gen.float(), grad.float())
-        _, logits = self.fake(interpolate(x_gen, batch["gan_eps"], batch["gan_t"]), batch["gan_t"], cond, True)
+        x_gan = interpolate(x_gen, batch["gan_eps"], batch["gan_t"])
+        _, logits = self.fake.module(x_gan, batch["gan_t"], cond, True)
         loss_gan = gan_generator(logits)
-        loss = loss_dm + self.cfg.gan_weight * loss_gan
-        loss.backward()
+        loss = loss_dm + self.s.gan_weight * loss_gan
         return loss, {"loss_dm": loss_dm.detach(), "loss_gan_g": loss_gan.detach(), **fake_logs}
 
     def _update_fake(self, x_gen: torch.Tensor, x_real: torch.Tensor, cond, batch: dict[str, Any]) -> dict[str, Any]:
-        for i in range(self.cfg.fake_updates):
+        for i in range(self.s.fake_updates):
             t, eps = batch["fake_t"][i], batch["fake_eps"][i]
-            self.fake_opt.zero_grad(set_to_none=True)
-            v, logits_fake = self.fake_ddp(interpolate(x_gen, eps, t), t, cond, True)
+            v, logits_fake = self.fake(interpolate(x_gen, eps, t), t, cond, True)
             loss_fm = F.mse_loss(v.float(), (eps - x_gen).float())
-            _, logits_real = self.fake_ddp(interpolate(x_real, batch["real_eps"][i], t), t, cond, True)
+            _, logits_real = self.fake(interpolate(x_real, batch["real_eps"][i], t), t, cond, True)
             loss_d = gan_discriminator(logits_real, logits_fake)
-            (loss_fm + GAN_DISC_WEIGHT * loss_d).backward()
-            torch.nn.utils.clip_grad_norm_(self.fake.parameters(), self.cfg.grad_clip or 1e9)
-            self.fake_opt.step()
-        self.fake_opt.zero_grad(set_to_none=True)  # the generator's GAN loss will write here; not ours to use
+            self.fake.update(loss_fm + GAN_DISC_WEIGHT * loss_d)
         return {"loss_fake": loss_fm.detach(), "loss_gan_d": loss_d.detach()}
 
-    def extra_state(self) -> dict[str, Any]:
-        return {"fake": self.fake.state_dict(), "fake_opt": self.fake_opt.state_dict()}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.fake.load_state_dict(state["fake"])
-        self.fake_opt.load_state_dict(state["fake_opt"])
-
     def export(self, ema: nn.Module, out_dir: Path, info: dict[str, Any]):
-        steps = self.cfg.generator_steps
-        return export_student(self.teacher, ema, out_dir, self.cfg, info, [steps], sampler="x0",
-                              grids={steps: self.grid}, extra={"real_guidance": self.guidance})
+        steps = self.s.generator_steps
+        return export_student(
+            self.teacher,
+            ema,
+            out_dir,
+            self.cfg,
+            info,
+            [steps],
+            sampler="x0",
+            grids={steps: self.grid},
+            extra={"teacher_guidance": self.guidance},
+        )

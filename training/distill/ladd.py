@@ -17,18 +17,12 @@ from torch import nn
 
 from fewstep.models.flow import interpolate, logit_normal_t, timesteps, x0_from_velocity
 from fewstep.models.layers import MLPEmbedder, timestep_embedding
-from fewstep.training.distill.common import (
-    Conditioner,
-    build_student,
-    export_student,
-    load_teacher,
-    prepare_common,
-    velocity,
-)
-from fewstep.training.distill.common import teacher_guidance as guidance_of
+from fewstep.models.pipeline import TextToImage
+from fewstep.training.distill.common import DistillRecipe, build_student, export_student, teacher_guidance, velocity
 from fewstep.training.distill.config import DistillConfig
 from fewstep.training.distill.losses import hinge_discriminator, hinge_generator
-from fewstep.training.distill.teacher_data import draw, generate_pairs
+from fewstep.training.distill.teacher_data import teacher_samples
+from fewstep.training.recipe import Context
 
 
 class Head(nn.Module):
@@ -57,80 +51,78 @@ class Heads(nn.Module):
         return sum(h(f, c) for h, f in zip(self.heads, features, strict=True))
 
 
-class LADDRecipe:
-    def __init__(self, cfg: DistillConfig, teacher=None):
-        self.cfg = cfg
-        self.teacher = teacher or load_teacher(cfg.teacher)
-        self.cond = Conditioner(self.teacher)
-        n = min(cfg.samples, cfg.max_steps * cfg.batch_size)  # --max-steps bounds the data generated too
-        steps = cfg.pair_steps or self.teacher.sampling.default_steps
-        self.samples = generate_pairs(self.teacher, n, steps, guidance_of(cfg, self.teacher),
-                                      Path(cfg.out) / "samples.pt", data=cfg.data, seed=cfg.seed)
-        self.module = build_student(self.teacher)
-        tf = self.teacher.transformer
-        self.heads = Heads(tf.cfg.depth_double + tf.cfg.depth_single, tf.cfg.hidden_size, self.teacher.config.text.dim)
-        self.times = sorted({t for s in cfg.student_step_set for t in timesteps(s)[:-1]}, reverse=True)
+class LADDRecipe(DistillRecipe):
+    def __init__(self, cfg: DistillConfig, teacher: TextToImage):
+        super().__init__(cfg, teacher)
+        self.s = cfg.ladd
+        n = min(self.s.samples, cfg.max_steps * cfg.batch_size)  # --max-steps bounds the data generated too
+        steps = self.s.sample_steps or teacher.sampling.default_steps
+        self.samples = teacher_samples(
+            teacher,
+            n,
+            steps,
+            teacher_guidance(cfg, teacher),
+            Path(cfg.out) / "teacher-data",
+            data=cfg.data,
+            seed=cfg.seed,
+        )
+        self.module = build_student(teacher)
+        tf = teacher.transformer
+        self.times = sorted({t for s in self.s.student_steps for t in timesteps(s)[:-1]}, reverse=True)
+        self._heads = Heads(tf.cfg.depth_double + tf.cfg.depth_single, tf.cfg.hidden_size, teacher.config.text.dim)
 
-    def make_batch(self, step: int, generator: torch.Generator) -> dict[str, Any]:
+    def setup(self, ctx: Context) -> None:
+        super().setup(ctx)
+        self.heads = ctx.auxiliary(
+            "discriminator_heads", self._heads, lr=self.s.disc_lr or self.cfg.lr, betas=(0.0, 0.99), export=True
+        )
+
+    def make_batch(self, generator: torch.Generator) -> dict[str, Any]:
         b, shape = self.cfg.batch_size, self.teacher.latent_shape
-        batch = draw(self.samples, b, generator)
+        batch = self.samples.draw(b, generator)
         del batch["z"]
         times = torch.tensor(self.times)
         batch.update(
             t_student=times[torch.randint(0, len(times), (b,), generator=generator)],
             eps_student=torch.randn(b, *shape, generator=generator),
-            t_fake=logit_normal_t(b, generator, self.cfg.renoise_mean, self.cfg.renoise_std),
+            t_fake=logit_normal_t(b, generator, self.s.renoise_mean, self.s.renoise_std),
             eps_fake=torch.randn(b, *shape, generator=generator),
-            t_real=logit_normal_t(b, generator, self.cfg.renoise_mean, self.cfg.renoise_std),
+            t_real=logit_normal_t(b, generator, self.s.renoise_mean, self.s.renoise_std),
             eps_real=torch.randn(b, *shape, generator=generator),
         )
         return batch
 
-    def prepare(self, batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-        return prepare_common(batch, device, self.cond, None)
-
-    def setup(self, device: torch.device, wrap, student: nn.Module) -> None:
-        self.student = student
-        self.teacher.to(device)
-        self.heads.to(device)
-        self.heads_ddp = wrap(self.heads)
-        self.disc_opt = torch.optim.AdamW(self.heads.parameters(), lr=self.cfg.disc_lr, betas=(0.0, 0.99))
-
-    def discriminate(self, heads: nn.Module, x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+    def discriminate(self, heads, x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
         _, feats = self.teacher.transformer(x, t, cond.tokens, cond.mask, cond.pooled, return_features=True)
         return heads(feats, t, cond.pooled)
 
-    def train_step(self, batch: dict[str, Any], lr: float):
+    def train_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
         x, cond, ts = batch["x"], batch["cond"], batch["t_student"]
         x_ts = interpolate(x, batch["eps_student"], ts)
-        x0 = x0_from_velocity(x_ts, velocity(self.student, x_ts, ts, cond), ts)  # the student's sample
+        x0 = x0_from_velocity(x_ts, velocity(self.ctx.module, x_ts, ts, cond), ts)  # the student's sample
 
         # discriminator heads: teacher images are real, the student's are fake
-        self.disc_opt.zero_grad(set_to_none=True)
         with torch.no_grad():
             fake_in = interpolate(x0.detach(), batch["eps_fake"], batch["t_fake"])
             real_in = interpolate(x, batch["eps_real"], batch["t_real"])
-        d_real = self.discriminate(self.heads_ddp, real_in, batch["t_real"], cond)
-        d_fake = self.discriminate(self.heads_ddp, fake_in, batch["t_fake"], cond)
+        d_real = self.discriminate(self.heads, real_in, batch["t_real"], cond)
+        d_fake = self.discriminate(self.heads, fake_in, batch["t_fake"], cond)
         loss_d = hinge_discriminator(d_real, d_fake)
-        loss_d.backward()
-        self.disc_opt.step()
-        self.disc_opt.zero_grad(set_to_none=True)
+        self.heads.update(loss_d)
 
-        # student: fool the heads through the frozen teacher
+        # student: fool the heads through the frozen teacher (the heads' gradients from this are discarded)
         fake_in = interpolate(x0, batch["eps_fake"], batch["t_fake"])
-        g_fake = self.discriminate(self.heads, fake_in, batch["t_fake"], cond)
-        loss = hinge_generator(g_fake)
-        loss.backward()
+        loss = hinge_generator(self.discriminate(self.heads.module, fake_in, batch["t_fake"], cond))
         return loss, {"loss_d": loss_d.detach(), "d_real": d_real.mean().detach(), "d_fake": d_fake.mean().detach()}
 
-    def extra_state(self) -> dict[str, Any]:
-        return {"heads": self.heads.state_dict(), "disc_opt": self.disc_opt.state_dict()}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.heads.load_state_dict(state["heads"])
-        self.disc_opt.load_state_dict(state["disc_opt"])
-
     def export(self, ema: nn.Module, out_dir: Path, info: dict[str, Any]):
-        return export_student(self.teacher, ema, out_dir, self.cfg, info, sorted(self.cfg.student_step_set),
-                              sampler="x0", extra={"teacher_samples": len(self.samples["captions"])})
+        return export_student(
+            self.teacher,
+            ema,
+            out_dir,
+            self.cfg,
+            info,
+            sorted(self.s.student_steps),
+            sampler="x0",
+            extra={"teacher_samples": len(self.samples)},
+        )

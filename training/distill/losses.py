@@ -16,8 +16,9 @@ def default_huber_c(dim: int) -> float:
     return 0.00054 * dim**0.5
 
 
-def progressive_velocity_target(x_t: torch.Tensor, x_target: torch.Tensor, t: torch.Tensor,
-                                t_next: torch.Tensor) -> torch.Tensor:
+def progressive_velocity_target(
+    x_t: torch.Tensor, x_target: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor
+) -> torch.Tensor:
     """The velocity that takes x_t to the teacher's two-step result x_target in ONE Euler step
     (Salimans & Ho 2022, Alg. 2, written for the flow ODE): x_t + (t_next − t)·v = x_target."""
     shape = (-1, *([1] * (x_t.dim() - 1)))

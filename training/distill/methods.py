@@ -1,6 +1,8 @@
 """Registry of distillation methods: ``fewstep distill --method NAME`` looks NAME up here.
 
-Each entry runs the method end to end and returns the exported student checkpoint directories.
+Each entry runs the method end to end on a loaded teacher and returns the exported student checkpoint
+directories. Single-phase methods are one recipe through the loop; progressive (rounds) and reflow (phases)
+chain several.
 """
 
 from __future__ import annotations
@@ -10,49 +12,54 @@ from pathlib import Path
 
 import torch
 
+from fewstep.errors import UsageError
+from fewstep.models.pipeline import TextToImage
+from fewstep.training.distill.common import load_teacher
 from fewstep.training.distill.config import DistillConfig
 from fewstep.training.loop import train
 
+Runner = Callable[[DistillConfig, Path, TextToImage], list[Path]]
 
-def _single(recipe_cls) -> Callable[[DistillConfig, Path], list[Path]]:
-    def run(cfg: DistillConfig, out: Path) -> list[Path]:
-        train(cfg, recipe_cls(cfg), out_dir=out)
+
+def _single(recipe_cls) -> Runner:
+    def run(cfg: DistillConfig, out: Path, teacher: TextToImage) -> list[Path]:
+        train(cfg, recipe_cls(cfg, teacher), out_dir=out)
         return [out / "export"]
 
     return run
 
 
-def _consistency(cfg: DistillConfig, out: Path) -> list[Path]:
+def _consistency(cfg: DistillConfig, out: Path, teacher: TextToImage) -> list[Path]:
     from fewstep.training.distill.consistency import ConsistencyRecipe
 
-    return _single(ConsistencyRecipe)(cfg, out)
+    return _single(ConsistencyRecipe)(cfg, out, teacher)
 
 
-def _progressive(cfg: DistillConfig, out: Path) -> list[Path]:
+def _progressive(cfg: DistillConfig, out: Path, teacher: TextToImage) -> list[Path]:
     from fewstep.training.distill.progressive import run_progressive
 
-    return run_progressive(cfg, out)
+    return run_progressive(cfg, out, teacher)
 
 
-def _reflow(cfg: DistillConfig, out: Path) -> list[Path]:
+def _reflow(cfg: DistillConfig, out: Path, teacher: TextToImage) -> list[Path]:
     from fewstep.training.distill.reflow import run_reflow
 
-    return run_reflow(cfg, out)
+    return run_reflow(cfg, out, teacher)
 
 
-def _dmd2(cfg: DistillConfig, out: Path) -> list[Path]:
+def _dmd2(cfg: DistillConfig, out: Path, teacher: TextToImage) -> list[Path]:
     from fewstep.training.distill.dmd2 import DMD2Recipe
 
-    return _single(DMD2Recipe)(cfg, out)
+    return _single(DMD2Recipe)(cfg, out, teacher)
 
 
-def _ladd(cfg: DistillConfig, out: Path) -> list[Path]:
+def _ladd(cfg: DistillConfig, out: Path, teacher: TextToImage) -> list[Path]:
     from fewstep.training.distill.ladd import LADDRecipe
 
-    return _single(LADDRecipe)(cfg, out)
+    return _single(LADDRecipe)(cfg, out, teacher)
 
 
-METHODS: dict[str, Callable[[DistillConfig, Path], list[Path]]] = {
+METHODS: dict[str, Runner] = {
     "progressive": _progressive,
     "consistency": _consistency,
     "reflow": _reflow,
@@ -61,9 +68,9 @@ METHODS: dict[str, Callable[[DistillConfig, Path], list[Path]]] = {
 }
 
 
-def distill(cfg: DistillConfig) -> list[Path]:
+def distill(cfg: DistillConfig, teacher: TextToImage | None = None) -> list[Path]:
     """Run ``cfg.method`` into ``cfg.out``; returns the student checkpoint directories it exported."""
     if cfg.method not in METHODS:
-        raise ValueError(f"unknown method {cfg.method!r}; known: {sorted(METHODS)}")
+        raise UsageError(f"unknown method {cfg.method!r}; known: {sorted(METHODS)}")
     torch.manual_seed(cfg.seed)
-    return METHODS[cfg.method](cfg, Path(cfg.out))
+    return METHODS[cfg.method](cfg, Path(cfg.out), teacher or load_teacher(cfg.teacher))

@@ -16,21 +16,21 @@ from typing import Any
 import torch
 from torch import nn
 
+from fewstep.errors import UsageError
 from fewstep.models.flow import interpolate
 from fewstep.models.pipeline import TextToImage
 from fewstep.training.distill.common import (
-    Conditioner,
     DataSource,
+    DistillRecipe,
     export_student,
     guided_velocity,
-    load_teacher,
-    prepare_common,
     teacher_guidance,
     velocity,
 )
 from fewstep.training.distill.config import DistillConfig
 from fewstep.training.distill.losses import progressive_velocity_target
 from fewstep.training.loop import train
+from fewstep.training.recipe import Context
 
 
 class ProgressiveLoss(nn.Module):
@@ -57,18 +57,23 @@ class ProgressiveLoss(nn.Module):
         return (v_student.float() - target.float()).pow(2).mean(), {}
 
 
-class ProgressiveRound:
-    def __init__(self, cfg: DistillConfig, teacher: TextToImage, round_teacher: nn.Module, teacher_steps: int,
-                 guidance: float):
-        self.cfg, self.teacher = cfg, teacher
-        self.cond = Conditioner(teacher)
+class ProgressiveRound(DistillRecipe):
+    def __init__(
+        self, cfg: DistillConfig, teacher: TextToImage, round_teacher: nn.Module, teacher_steps: int, guidance: float
+    ):
+        super().__init__(cfg, teacher)
         self.source = DataSource(cfg, teacher)
         self.student_steps = teacher_steps // 2
         student = copy.deepcopy(round_teacher).train().requires_grad_(True)
-        self.module = ProgressiveLoss(student, round_teacher.eval().requires_grad_(False), teacher_steps,
-                                      guidance, self.cond.empty)
+        self.module = ProgressiveLoss(
+            student, round_teacher.eval().requires_grad_(False), teacher_steps, guidance, self.cond.empty
+        )
 
-    def make_batch(self, step: int, generator: torch.Generator) -> dict[str, Any]:
+    def setup(self, ctx: Context) -> None:
+        super().setup(ctx)
+        self.module._teacher[0].to(ctx.device)
+
+    def make_batch(self, generator: torch.Generator) -> dict[str, Any]:
         b = self.cfg.batch_size
         batch = self.source.draw(b, generator)
         j = torch.randint(1, self.student_steps + 1, (b,), generator=generator)  # student grid point
@@ -76,20 +81,22 @@ class ProgressiveRound:
         batch["noise"] = torch.randn(b, *self.teacher.latent_shape, generator=generator)
         return batch
 
-    def prepare(self, batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-        self.teacher.to(device)
-        return prepare_common(batch, device, self.cond, self.source)
-
     def export(self, ema: nn.Module, out_dir: Path, info: dict[str, Any]):
-        return export_student(self.teacher, ema.student, out_dir, self.cfg, info, [self.student_steps],
-                              extra={"round_teacher_steps": self.module.n})
+        return export_student(
+            self.teacher,
+            ema.student,
+            out_dir,
+            self.cfg,
+            info,
+            [self.student_steps],
+            extra={"round_teacher_steps": self.module.n},
+        )
 
 
-def run_progressive(cfg: DistillConfig, out: Path, teacher: TextToImage | None = None) -> list[Path]:
-    teacher = teacher or load_teacher(cfg.teacher)
-    n = cfg.start_steps
+def run_progressive(cfg: DistillConfig, out: Path, teacher: TextToImage) -> list[Path]:
+    n = cfg.progressive.start_steps
     if n < 2 or n & (n - 1):
-        raise ValueError(f"start_steps must be a power of two >= 2, got {n}")
+        raise UsageError(f"progressive.start_steps must be a power of two >= 2, got {n}")
     rounds = n.bit_length() - 1
     per_round = max(1, cfg.max_steps // rounds)
     round_teacher, guidance, exported = teacher.transformer, teacher_guidance(cfg, teacher), []
