@@ -96,6 +96,7 @@ class Engine:
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self.warmed_up = False
+        self.draining = False  # set on SIGTERM (server/main.py): /readyz answers 503 while in-flight work ends
         self._last_arrival, self._arrival_gap_s = float("-inf"), float("inf")
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
@@ -142,6 +143,8 @@ class Engine:
     # ---- health ------------------------------------------------------------------------------------------
     def readiness(self) -> tuple[str, list[str]]:
         """("ready" | "degraded" | "unavailable", causes)."""
+        if self.draining:
+            return "unavailable", ["draining: shutting down"]
         if not self.warmed_up:
             return "unavailable", ["warming up"]
         causes = []

@@ -53,6 +53,29 @@ class ServeSettings(BaseSettings):
     threads: int = Field(default=0, ge=0, description="torch CPU threads; 0 = torch's default")
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="log level")
     retry_after_s: int = Field(default=1, ge=1, description="Retry-After of 429 and 503 answers")
+    header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="a connection whose request headers have not "
+        "all arrived this long after it opened (or after its last response) is closed",
+    )
+    body_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="a request body that has not all arrived this "
+        "long after its headers is answered 408 and its connection closed",
+    )
+    drain_grace_s: float = Field(
+        default=5.0,
+        ge=0,
+        description="after SIGTERM: how long /readyz says 503 while "
+        "requests are still served (with Connection: close) before the listener closes",
+    )
+    drain_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="after SIGTERM: the deadline for in-flight work; then the process exits 0 whatever clients do",
+    )
 
     @field_validator("api_keys", mode="before")
     @classmethod
