@@ -1,11 +1,19 @@
-"""The serving engine: routing with teacher fallback, a dynamic batcher and one executor per device.
+"""The serving engine: routing with teacher fallback, work-based admission, a supervised batcher and one executor
+thread per device.
 
-Requests become Jobs. ``route`` picks who serves a job (the requested student, or its teacher and why).
-The batcher groups queued jobs with the same (model, steps, guidance) into batches of at most max_batch
-images, waiting at most max_wait_ms for a batch to fill, and runs one batch at a time on the device's
-executor thread, so the event loop never blocks on the model. While a batch runs, new jobs queue; the
-next batch takes every compatible one. A job whose client has gone or whose deadline passed is dropped
-before it runs. No sampler state is shared: each batch builds its own noise and time grid.
+Requests become Jobs. ``route`` (server/routing.py, over a snapshot of the models' health) picks who serves a
+job. Admission counts work, not requests: a job costs images × steps × the model's seconds per image-step
+(measured at warm-up, then tracked from every batch), and the queue holds at most ``max_queued_work_s`` of it
+(and ``queue_size`` jobs). Scheduling: the next batch starts from the queued job with the earliest
+*arrival + estimated cost*, so a 1-step request that arrives behind a long teacher request overtakes it, while
+the expensive job still runs once the cheap arrivals that would finish before it are served: nothing starves
+(docs/api.md, "Admission and scheduling"). A running batch is not interrupted (step-level preemption is not
+built). The batcher groups queued jobs with the same (model, steps, guidance) into batches of at most
+max_batch images, waiting at most max_wait_ms for a batch to fill when requests arrive in a burst, and runs one
+batch at a time on the device's executor thread, so the event loop never blocks on the model.
+
+Supervision: an error anywhere in a batch fails that batch's requests only; the batcher task is restarted if
+it ever ends, and /readyz says "unavailable" until it runs again.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -25,23 +34,23 @@ from fewstep.models.images import to_pil
 from fewstep.server.breaker import CircuitBreaker
 from fewstep.server.metrics import Metrics
 from fewstep.server.registry import Registry, ServedModel
+from fewstep.server.routing import Decision, ModelView, Snapshot, readiness, route
 from fewstep.server.settings import ServeSettings
 
 log = logging.getLogger("fewstep.server")
+DEFAULT_COST_S = 0.02  # seconds per image-step before a model's first measurement (a CPU student's order)
 
 
 class QueueFull(Exception):
-    """The bounded queue has no room: the HTTP layer answers 429 with Retry-After."""
+    """Admission refused: the queued work is at its limit. The HTTP layer answers 429 with Retry-After."""
 
 
 class NotServable(Exception):
-    """No model can serve this request (e.g. the student and its teacher are both unavailable)."""
+    """No model can serve this request now (a student and its teacher both unavailable, or shutting down)."""
 
 
-class BadRequest(ValueError):
-    def __init__(self, message: str, param: str | None = None, code: str = "invalid_value", status: int = 400):
-        super().__init__(message)
-        self.param, self.code, self.status = param, code, status
+class BatchFailed(Exception):
+    """Something outside the models failed while running a batch: that batch's requests fail, nothing else."""
 
 
 @dataclass
@@ -53,6 +62,7 @@ class Job:
     guidance: float | None
     seeds: list[int]
     fallback_reason: str | None = None
+    cost_s: float = 0.0  # estimated device seconds
     enqueued: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
     future: asyncio.Future | None = None
@@ -60,6 +70,11 @@ class Job:
     @property
     def key(self) -> tuple[str, int, float | None]:
         return (self.model, self.steps, self.guidance)
+
+    @property
+    def priority(self) -> float:
+        """Earliest arrival + own cost first: cheap work overtakes expensive work, aging prevents starvation."""
+        return self.enqueued + self.cost_s
 
 
 @dataclass
@@ -93,8 +108,14 @@ class Engine:
         self.breaker = CircuitBreaker(settings.breaker_threshold, settings.breaker_cooldown_s)
         self.executor = executor or device_executor()
         self.queue: deque[Job] = deque()
+        self.queued_work_s = 0.0
+        self.cost_s: dict[str, float] = {}  # seconds per image-step, per model (warm-up, then every batch)
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
+        self._warm_task: asyncio.Task | None = None
+        self._running: asyncio.Future | None = None  # the batch on the executor now
+        self._stopping = False
+        self.batcher_restarts = 0
         self.warmed_up = False
         self.draining = False  # set on SIGTERM (server/main.py): /readyz answers 503 while in-flight work ends
         self._last_arrival, self._arrival_gap_s = float("-inf"), float("inf")
@@ -104,35 +125,58 @@ class Engine:
         """Start the batcher; warm up in the background, so /healthz answers at once and /readyz says 503
         until every model has run once (requests that arrive meanwhile queue behind the warm-up)."""
         self._wake = asyncio.Event()
-        self._task = asyncio.create_task(self._batcher(), name="fewstep-batcher")
+        self._start_batcher()
         self._warm_task = asyncio.create_task(self._warm(), name="fewstep-warmup")
+
+    def _start_batcher(self) -> None:
+        self._task = asyncio.create_task(self._batcher(), name="fewstep-batcher")
+        self._task.add_done_callback(self._batcher_ended)
+
+    def _batcher_ended(self, task: asyncio.Task) -> None:
+        """Supervision: a batcher that ends while the engine runs is logged, counted and started again."""
+        if self._stopping:
+            return
+        exc = None if task.cancelled() else task.exception()
+        log.error("the batcher stopped (%r); restarting it", exc)
+        self.metrics.error("batcher_restart")
+        self.batcher_restarts += 1
+        self._start_batcher()
 
     async def _warm(self) -> None:
         if self.settings.warmup:
             await asyncio.get_running_loop().run_in_executor(self.executor, self.warmup)
         self.warmed_up = True
 
-    async def stop(self) -> None:
-        """Finish what is queued (SIGTERM drains), then stop."""
-        while self.queue:
+    async def stop(self, deadline_s: float | None = None) -> None:
+        """Finish what is queued and running (SIGTERM drains) until ``deadline_s``; then fail what is left with
+        503 and stop. Never blocks the event loop."""
+        deadline = time.perf_counter() + (self.settings.request_timeout_s if deadline_s is None else deadline_s)
+        while (self.queue or self._running is not None) and time.perf_counter() < deadline:
             await asyncio.sleep(0.01)
-        if not self._warm_task.done():
-            await self._warm_task
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        self.executor.shutdown(wait=True)
+        self._stopping = True
+        for job in self.queue:
+            if job.future is not None and not job.future.done():
+                job.future.set_exception(NotServable("the server is shutting down"))
+        self.queue.clear()
+        for task in (self._warm_task, self._task):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        self.executor.shutdown(wait=False, cancel_futures=True)
 
     def warmup(self) -> None:
-        """Run every model once at each step count it serves, so the first request pays no start-up cost."""
+        """Run every model once at each step count it serves (so the first request pays no start-up cost), and
+        measure its seconds per image-step for admission. A student that fails is marked unavailable."""
         for m in self.registry.models.values():
             if not m.ready:
                 continue
             steps_list = m.supported_steps() if m.role == "student" else [m.model.sampling.default_steps]
             try:
                 for steps in steps_list:
+                    t0 = time.perf_counter()
                     images = m.model.generate(["warm up"], [0], steps=steps)
+                    self._observe_cost(m.name, time.perf_counter() - t0, 1, steps)
                     if not torch.isfinite(images).all():
                         raise RuntimeError("non-finite output")
             except Exception as e:  # a student that cannot run is served by its teacher
@@ -140,78 +184,62 @@ class Engine:
                 if m.role == "student":
                     m.error = f"warm-up failed: {e}"
 
-    # ---- health ------------------------------------------------------------------------------------------
+    def _observe_cost(self, name: str, seconds: float, images: int, steps: int) -> None:
+        per = seconds / max(1, images * steps)
+        old = self.cost_s.get(name)
+        self.cost_s[name] = per if old is None else 0.8 * old + 0.2 * per
+
+    # ---- health and routing ------------------------------------------------------------------------------
+    def snapshot(self) -> Snapshot:
+        """The models' health now, as plain data for routing (server/routing.py)."""
+        views = {}
+        for m in self.registry.models.values():
+            sampling = m.card.sampling if m.card and m.card.sampling else None
+            evaluation = m.card.evaluation if m.card else None
+            views[m.name] = ModelView(
+                name=m.name,
+                role=m.role,
+                default_steps=sampling.default_steps if sampling else 1,
+                serves=tuple(m.supported_steps()),
+                max_steps=min(self.settings.max_teacher_steps, sampling.max_steps) if sampling else 0,
+                loaded=m.ready,
+                circuit_open=m.role == "student" and self.breaker.is_open(m.name),
+                teacher=m.teacher,
+                fd={r.steps: r.fd for r in evaluation.rows} if evaluation else {},
+                error=m.error,
+            )
+        return Snapshot(views, self.registry.default or "", self.settings.max_teacher_steps)
+
     def readiness(self) -> tuple[str, list[str]]:
         """("ready" | "degraded" | "unavailable", causes)."""
-        if self.draining:
-            return "unavailable", ["draining: shutting down"]
-        if not self.warmed_up:
-            return "unavailable", ["warming up"]
-        causes = []
-        for m in self.registry.models.values():
-            if m.error:
-                causes.append(f"{m.name}: {m.error}")
-            elif m.role == "student" and self.breaker.is_open(m.name):
-                causes.append(f"{m.name}: circuit open after repeated failures")
-        servable = [m for m in self.registry.models.values() if m.ready]
-        if not servable:
-            return "unavailable", causes or ["no model loaded"]
-        return ("degraded" if causes else "ready"), causes
+        alive = self._task is not None and not self._task.done()
+        return readiness(self.snapshot(), self.warmed_up, self.draining, alive)
 
-    # ---- routing -----------------------------------------------------------------------------------------
-    def route(
-        self, model: str | None, steps: int | None, want_teacher: bool = False
-    ) -> tuple[ServedModel, int, str | None]:
-        """-> (who serves, at how many steps, fallback reason or None)."""
-        name = model or self.registry.default
-        entry = self.registry.models.get(name)
-        if entry is None:
-            raise BadRequest(
-                f"model {name!r} does not exist; GET /v1/models lists the models",
-                param="model",
-                code="model_not_found",
-                status=404,
-            )
-        if steps is not None and steps > self.settings.max_teacher_steps:
-            raise BadRequest(f"steps must be at most {self.settings.max_teacher_steps}", param="steps")
-        if model is None and steps is not None and entry.role == "student" and not entry.supports(steps):
-            # no model named: another student that serves this step count beats falling back to the teacher;
-            # among several, the one with the best measured quality there (its card's eval rows)
-            entry = self.registry.best_student_for(steps, self.breaker.allow) or entry
-        reason = None
-        if entry.role == "teacher":
-            if not entry.ready:
-                raise NotServable(f"{entry.name} is not available: {entry.error}")
-            return entry, steps or entry.model.sampling.default_steps, None
-        if want_teacher:
-            reason = "teacher_requested"
-        elif not entry.ready:
-            reason = "student_unavailable"
-        elif steps is not None and not entry.supports(steps):
-            reason = "steps_unsupported"
-        elif not self.breaker.allow(entry.name):
-            reason = "circuit_open"
-        if reason is None:
-            return entry, steps or entry.model.sampling.default_steps, None
-        teacher = self.registry.teacher_for(entry.name)
-        if teacher is None:
-            if reason == "steps_unsupported":
-                raise BadRequest(
-                    f"{entry.name} supports steps {entry.supported_steps()} and has no teacher to serve {steps}",
-                    param="steps",
-                )
-            raise NotServable(f"{entry.name} cannot serve ({reason}) and its teacher is not available")
-        # a count the teacher can run is honoured; otherwise (a student's 1-4) the teacher's default
-        t_steps = steps if steps is not None and steps > max(entry.supported_steps() or [0]) else None
-        return teacher, t_steps or teacher.model.sampling.default_steps, reason
+    def route(self, model: str | None, steps: int | None, want_teacher: bool = False) -> Decision:
+        """Raises routing.RouteError when no model can take the request."""
+        return route(self.snapshot(), model, steps, want_teacher)
 
-    # ---- submission --------------------------------------------------------------------------------------
+    # ---- admission ---------------------------------------------------------------------------------------
+    def estimate_s(self, model: str, images: int, steps: int) -> float:
+        return images * steps * self.cost_s.get(model, DEFAULT_COST_S)
+
+    def saturated(self) -> bool:
+        """Full before looking at the request: the HTTP layer refuses without reading the body."""
+        return len(self.queue) >= self.settings.queue_size or self.queued_work_s >= self.settings.max_queued_work_s
+
+    def retry_after_s(self) -> int:
+        """When to come back: the queued work's estimated time, at least the configured minimum."""
+        return max(self.settings.retry_after_s, math.ceil(self.queued_work_s))
+
     async def submit(self, job: Job) -> Result:
-        if len(self.queue) >= self.settings.queue_size:
+        job.cost_s = self.estimate_s(job.model, len(job.seeds), job.steps)
+        # an empty queue takes any one job (the request limits bound it); otherwise its work must fit
+        if self.queue and (self.saturated() or self.queued_work_s + job.cost_s > self.settings.max_queued_work_s):
             raise QueueFull()
         job.future = asyncio.get_running_loop().create_future()
         self._arrival_gap_s, self._last_arrival = job.enqueued - self._last_arrival, job.enqueued
         self.queue.append(job)
+        self.queued_work_s += job.cost_s
         self.metrics.queue_depth.set(len(self.queue))
         self._wake.set()
         try:
@@ -220,60 +248,77 @@ class Engine:
             job.cancelled = True  # a timed-out or abandoned job is dropped if still queued
 
     # ---- batching ----------------------------------------------------------------------------------------
-    def _drop_cancelled(self) -> None:
-        before = len(self.queue)
-        self.queue = deque(j for j in self.queue if not j.cancelled)
-        if len(self.queue) != before:
-            self.metrics.errors.labels(type="dropped_before_run").inc(before - len(self.queue))
+    def _remove(self, jobs: list[Job]) -> None:
+        gone = {id(j) for j in jobs}
+        self.queue = deque(j for j in self.queue if id(j) not in gone)
+        self.queued_work_s = max(0.0, sum(j.cost_s for j in self.queue))
         self.metrics.queue_depth.set(len(self.queue))
 
     def _take_batch(self) -> list[Job]:
-        """The oldest job and every queued job compatible with it, up to max_batch images."""
-        self._drop_cancelled()
+        """The queued job with the earliest arrival + cost, and every queued job compatible with it, oldest first,
+        up to max_batch images."""
+        dropped = [j for j in self.queue if j.cancelled]
+        if dropped:
+            self.metrics.error("dropped_before_run", len(dropped))
+            self._remove(dropped)
         if not self.queue:
             return []
-        key, batch, rest, images = self.queue[0].key, [], deque(), 0
+        head = min(self.queue, key=lambda j: j.priority)
+        batch, images = [head], len(head.seeds)
         for job in self.queue:
-            n = len(job.seeds)
-            if job.key == key and (not batch or images + n <= self.settings.max_batch):
+            if job is not head and job.key == head.key and images + len(job.seeds) <= self.settings.max_batch:
                 batch.append(job)
-                images += n
-            else:
-                rest.append(job)
-        self.queue = rest
-        self.metrics.queue_depth.set(len(self.queue))
+                images += len(job.seeds)
+        self._remove(batch)
         return batch
 
     async def _batcher(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
-            while not self.queue:
-                self._wake.clear()
-                await self._wake.wait()
-            # The device is idle. Wait up to max_wait_ms for the batch to fill only when requests are arriving
-            # in a burst (the last two came within max_wait_ms of each other): a lone request runs at once,
-            # so batching costs nothing at low load.
-            wait_s = self.settings.max_wait_ms / 1000 if self._bursty() else 0.0
-            deadline = time.perf_counter() + wait_s
-            while self._queued_images(self.queue[0].key) < self.settings.max_batch:
-                left = deadline - time.perf_counter()
-                if left <= 0:
-                    break
-                self._wake.clear()
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), left)
-                if not self.queue:
-                    break
-            batch = self._take_batch()
-            if not batch:
-                continue
-            results = await loop.run_in_executor(self.executor, self._run_batch, batch)
-            for job, outcome in zip(batch, results, strict=True):
-                if job.future is not None and not job.future.done():
-                    if isinstance(outcome, BaseException):
-                        job.future.set_exception(outcome)
-                    else:
-                        job.future.set_result(outcome)
+            try:
+                await self._next_batch()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug outside the model calls: log it, keep serving
+                log.exception("batcher error")
+                self.metrics.error("internal")
+
+    async def _next_batch(self) -> None:
+        while not self.queue:
+            self._wake.clear()
+            await self._wake.wait()
+        # The device is idle. Wait up to max_wait_ms for the batch to fill only when requests are arriving in a
+        # burst (the last two came within max_wait_ms of each other): a lone request runs at once.
+        wait_s = self.settings.max_wait_ms / 1000 if self._bursty() else 0.0
+        deadline = time.perf_counter() + wait_s
+        head_key = min(self.queue, key=lambda j: j.priority).key
+        while self._queued_images(head_key) < self.settings.max_batch:
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                break
+            self._wake.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), left)
+            if not self.queue:
+                return
+        batch = self._take_batch()
+        if not batch:
+            return
+        loop = asyncio.get_running_loop()
+        self._running = loop.run_in_executor(self.executor, self._run_batch, batch)
+        try:
+            results = await self._running
+        except Exception as e:  # the batch failed outside the model calls: fail its requests, nothing else
+            log.exception("batch of %d requests failed", len(batch))
+            self.metrics.error("internal")
+            results = [BatchFailed(f"the batch failed: {type(e).__name__}") for _ in batch]
+        finally:
+            self._running = None
+        for job, outcome in zip(batch, results, strict=True):
+            if job.future is not None and not job.future.done():
+                if isinstance(outcome, BaseException):
+                    job.future.set_exception(outcome)
+                else:
+                    job.future.set_result(outcome)
 
     def _bursty(self) -> bool:
         return self._arrival_gap_s < self.settings.max_wait_ms / 1000
@@ -296,25 +341,26 @@ class Engine:
         except Exception as e:
             if entry.role != "student":
                 log.error("%s failed on a batch: %s", entry.name, e)
-                self.metrics.errors.labels(type="model_error").inc()
+                self.metrics.error("model_error")
                 return [NotServable(f"{entry.name} failed: {e}") for _ in batch]
-            # (c) a student that raises or returns non-finite values: the teacher regenerates the batch
+            # a student that raises or returns non-finite values: the teacher regenerates the batch
             log.warning("student %s failed (%s); the teacher regenerates its batch", entry.name, e)
             self.breaker.record_failure(entry.name)
             teacher = self.registry.teacher_for(entry.name)
             if teacher is None:
-                self.metrics.errors.labels(type="model_error").inc()
+                self.metrics.error("model_error")
                 return [NotServable(f"{entry.name} failed and has no teacher: {e}") for _ in batch]
             steps, guidance, entry = teacher.model.sampling.default_steps, None, teacher
             try:
                 images = self._generate(teacher, batch, steps, guidance)
             except Exception as e2:
-                self.metrics.errors.labels(type="model_error").inc()
+                self.metrics.error("model_error")
                 return [NotServable(f"{teacher.name} failed too: {e2}") for _ in batch]
             served_by, reasons = teacher.name, ["student_error"] * len(batch)
         elapsed = time.perf_counter() - start
         n_images = sum(len(j.seeds) for j in batch)
-        self.metrics.batch_inference.labels(model=served_by, steps=str(steps)).observe(elapsed)
+        self._observe_cost(served_by, elapsed, n_images, steps)
+        self.metrics.batch_inference.labels(model=served_by, steps=self.metrics.steps_label(steps)).observe(elapsed)
         self.metrics.batch_size.observe(n_images)
         self.metrics.images.labels(model=served_by).inc(n_images)
         pils = to_pil(images)  # one tensor op for the batch, on this thread: no second OpenMP team elsewhere

@@ -1,5 +1,8 @@
-"""Request and response types of the HTTP API (pydantic). Limits that depend on settings are checked in
-the handlers, which name the offending field."""
+"""Request and response types of the HTTP API (pydantic), so /openapi.json describes every body.
+
+Strict types: an integer field takes a JSON integer only (not true, "4" or 4.0), a number field a JSON number
+(not a string or a boolean). Limits that depend on settings are checked by the serving object, which names the
+offending field."""
 
 from __future__ import annotations
 
@@ -12,9 +15,12 @@ MAX_SEED = 2**53 - 1  # exact in JSON numbers everywhere
 OutputFormat = Literal["png", "jpeg", "webp"]
 
 
+STRICT = ConfigDict(extra="forbid", protected_namespaces=(), strict=True)
+
+
 class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-    prompt: str
+    model_config = STRICT
+    prompt: str = Field(max_length=100_000)
     steps: int | None = Field(default=None, ge=1)
     n: int = Field(default=1, ge=1)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
@@ -51,11 +57,11 @@ class GenerateResponse(BaseModel):
 class ImagesRequest(BaseModel):
     """OpenAI's POST /v1/images/generations body."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-    prompt: str
+    model_config = STRICT
+    prompt: str = Field(max_length=100_000)
     model: str | None = Field(default=None, pattern=MODEL_NAME)
     n: int = Field(default=1, ge=1)
-    size: str | None = None
+    size: str | None = Field(default=None, max_length=32)
     quality: Literal["auto", "low", "medium", "high", "standard", "hd", "teacher"] | None = None
     response_format: Literal["b64_json", "url"] | None = None
     output_format: OutputFormat | None = None

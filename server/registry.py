@@ -111,13 +111,6 @@ class Registry:
             elif len(teachers) == 1:
                 m.teacher = teachers[0].name
 
-    def best_student_for(self, steps: int, allow=lambda name: True) -> ServedModel | None:
-        """Among ready students that serve ``steps``, the one whose card records the lowest FD there."""
-        fit = [
-            m for m in self.models.values() if m.role == "student" and m.ready and m.supports(steps) and allow(m.name)
-        ]
-        return min(fit, key=lambda m: (m.measured_fd(steps), m.name)) if fit else None
-
     def _pick_default(self) -> str:
         students = [m for m in self.models.values() if m.role == "student" and m.supported_steps()]
         if students:  # the student that needs the fewest steps; then the most recently trained

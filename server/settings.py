@@ -38,6 +38,12 @@ class ServeSettings(BaseSettings):
     max_batch: int = Field(default=8, ge=1, le=256, description="images per batch")
     max_wait_ms: float = Field(default=5.0, ge=0, description="how long the batcher waits to fill a batch")
     queue_size: int = Field(default=64, ge=1, description="requests waiting; more are answered 429")
+    max_queued_work_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="estimated device seconds of queued work (images × steps × the model's "
+        "measured cost); a request that would exceed it is answered 429",
+    )
     request_timeout_s: float = Field(default=60.0, gt=0, description="longer requests are answered 504")
     max_n: int = Field(default=8, ge=1, le=64, description="images per request")
     max_prompt_chars: int = Field(default=300, ge=1, description="longest prompt accepted")

@@ -1,0 +1,77 @@
+"""Request bodies: JSON parsed with limits the standard parser lacks, before pydantic sees it.
+
+``json.loads`` turns 10,000 nested arrays into a RecursionError and a 5,000-digit integer into a ValueError
+(Python's integer-conversion limit); both used to escape as 500s, and the connection was reset after them.
+Here any body the parser cannot take — nesting, number size, NaN/Infinity, encoding, not JSON — is a 400 in
+the error shape, and the connection stays usable. Routes use ``JSONRoute`` so FastAPI's own body handling (and
+with it the OpenAPI schema of every request body) stays in place.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import Request, Response
+from fastapi.routing import APIRoute
+
+from fewstep.server.errors import APIError, quote
+
+MAX_NUMBER_CHARS = 40  # 2**53 has 16 digits; a seed or a step count never needs more than this
+
+
+def _number(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        if len(text) > MAX_NUMBER_CHARS:
+            raise APIError(
+                400,
+                f"a number in the body has {len(text)} characters (at most {MAX_NUMBER_CHARS})",
+                code="invalid_json",
+            )
+        return kind(text)
+
+    return parse
+
+
+def _constant(text: str) -> Any:
+    raise APIError(400, f"{text} is not a JSON number", code="invalid_json")
+
+
+def loads(body: bytes) -> Any:
+    """Parse a request body, or raise a 400 APIError saying what was wrong with it."""
+    try:
+        return json.loads(body, parse_int=_number(int), parse_float=_number(float), parse_constant=_constant)
+    except RecursionError:
+        raise APIError(400, "request body nests arrays or objects too deeply", code="invalid_json") from None
+    except UnicodeDecodeError:
+        raise APIError(400, "request body is not UTF-8", code="invalid_json") from None
+    except json.JSONDecodeError as e:
+        raise APIError(400, f"request body is not valid JSON ({e.msg} at {e.pos})", code="invalid_json") from None
+
+
+class JSONRequest(Request):
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            self._json = loads(await self.body())
+        return self._json
+
+
+class JSONRoute(APIRoute):
+    """FastAPI's route with the safe parser, and a 415 for bodies that are not JSON. A body without a
+    content-type is read as JSON (curl -d and older SDKs send none)."""
+
+    def get_route_handler(self) -> Callable:
+        handler = super().get_route_handler()
+
+        async def route_handler(request: Request) -> Response:
+            ctype = request.headers.get("content-type")
+            if ctype is None:
+                request.scope["headers"] = [*request.scope["headers"], (b"content-type", b"application/json")]
+            elif "json" not in ctype.lower():
+                raise APIError(
+                    415, f"content-type must be application/json, not {quote(ctype)}", code="unsupported_media_type"
+                )
+            return await handler(JSONRequest(request.scope, request.receive))
+
+        return route_handler

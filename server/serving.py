@@ -1,0 +1,245 @@
+"""The serving object: turns a validated request into a response (vLLM's ``serving_*.py``), so the routes in
+server/api.py stay one line each. Limits that depend on settings, routing, admission, waiting for the batch,
+encoding and the request metric live here."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import random
+import time
+from dataclasses import dataclass
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from fewstep.models.images import encode
+from fewstep.server.engine import BatchFailed, Engine, Job, NotServable, QueueFull, Result
+from fewstep.server.errors import APIError, quote
+from fewstep.server.metrics import Metrics
+from fewstep.server.protocol import QUALITY_STEPS, GenerateRequest, GenerateResponse, ImagesRequest
+from fewstep.server.registry import Registry, ServedModel
+from fewstep.server.routing import RouteError
+from fewstep.server.settings import ServeSettings
+
+
+@dataclass
+class Served:
+    result: Result
+    encoded: list[bytes]
+    encode_ms: float
+    start: float
+
+
+class ImageService:
+    def __init__(self, engine: Engine, registry: Registry, settings: ServeSettings, metrics: Metrics):
+        self.engine, self.registry, self.settings, self.metrics = engine, registry, settings, metrics
+
+    # ---- POST /v1/generate -------------------------------------------------------------------------------
+    async def generate(self, body: GenerateRequest, request: Request) -> Response:
+        served = await self._serve(
+            request,
+            "generate",
+            body.model,
+            body.prompt,
+            body.steps,
+            body.n,
+            body.seed,
+            body.guidance,
+            body.quality == "teacher",
+            body.output_format,
+        )
+        r = served.result
+        timings = {
+            "queue_ms": r.queue_ms,
+            "inference_ms": r.inference_ms,
+            "encode_ms": served.encode_ms,
+            "total_ms": 1000 * (time.perf_counter() - served.start),
+        }
+        if body.n == 1 and "image/" + body.output_format in request.headers.get("accept", ""):
+            return Response(served.encoded[0], media_type="image/" + body.output_format, headers={
+                "x-served-by": r.served_by, "x-fallback-reason": r.fallback_reason or "", "x-seed": str(r.seeds[0]),
+                "x-steps": str(r.steps), "x-timings": json.dumps({k: round(v, 2) for k, v in timings.items()}),
+            })  # fmt: skip
+        out = GenerateResponse(
+            images=[{"b64": base64.b64encode(b).decode(), "seed": s, "format": body.output_format}
+                    for b, s in zip(served.encoded, r.seeds, strict=True)],
+            model=body.model or self.registry.default, served_by=r.served_by, steps=r.steps,
+            fallback_reason=r.fallback_reason, batch_images=r.batch_images, timings=timings,
+        )  # fmt: skip
+        return JSONResponse(out.model_dump())
+
+    # ---- POST /v1/images/generations (OpenAI) ------------------------------------------------------------
+    async def images(self, body: ImagesRequest, request: Request) -> Response:
+        if body.response_format == "url":
+            raise APIError(
+                400,
+                "response_format 'url' is not supported: images are not stored; use b64_json",
+                param="response_format",
+                code="unsupported_value",
+            )
+        name = body.model or self.registry.default
+        entry = self.registry.models.get(name)
+        if entry is None:  # an unknown model is a 404 whatever else is wrong
+            raise APIError(
+                404,
+                f"model {quote(name)} does not exist; GET /v1/models lists the models",
+                param="model",
+                code="model_not_found",
+            )
+        native = native_size(entry)
+        if body.size not in (None, "auto", native):
+            raise APIError(
+                400,
+                f"size {quote(body.size)} is not supported: {name} generates {native} images",
+                param="size",
+                code="unsupported_value",
+            )
+        quality = body.quality or "auto"
+        fmt = body.output_format or "png"
+        served = await self._serve(
+            request,
+            "images",
+            body.model,
+            body.prompt,
+            QUALITY_STEPS[quality],
+            body.n,
+            body.seed,
+            None,
+            quality == "teacher",
+            fmt,
+            body.output_compression,
+        )
+        r = served.result
+        return JSONResponse({
+            "created": int(time.time()),
+            "data": [{"b64_json": base64.b64encode(b).decode(), "revised_prompt": None} for b in served.encoded],
+            "output_format": fmt, "size": native, "quality": quality,
+        }, headers={"x-served-by": r.served_by, "x-fallback-reason": r.fallback_reason or "",
+                    "x-steps": str(r.steps)})  # fmt: skip
+
+    # ---- shared ------------------------------------------------------------------------------------------
+    async def _serve(
+        self,
+        request: Request,
+        endpoint: str,
+        model: str | None,
+        prompt: str,
+        steps: int | None,
+        n: int,
+        seed: int | None,
+        guidance: float | None,
+        want_teacher: bool,
+        fmt: str,
+        compression: int | None = None,
+    ) -> Served:
+        start = time.perf_counter()
+        status, served_by, served_steps = 500, model or self.registry.default, steps
+        try:
+            self._check(prompt, n)
+            try:
+                decision = self.engine.route(model, steps, want_teacher)
+            except RouteError as e:
+                headers = {"Retry-After": str(self.settings.retry_after_s)} if e.status == 503 else None
+                type_ = "server_error" if e.status >= 500 else "invalid_request_error"
+                raise APIError(e.status, str(e), type_, e.param, e.code, headers) from None
+            served_by, served_steps = decision.model, decision.steps
+            base = random.randrange(0, 2**31) if seed is None else seed
+            if base + n - 1 > 2**53 - 1:
+                raise APIError(400, "seed + n - 1 must be at most 2**53 - 1", param="seed", code="invalid_value")
+            job = Job(
+                model=decision.model,
+                requested=model or self.registry.default,
+                prompt=prompt,
+                steps=decision.steps,
+                guidance=guidance,
+                seeds=[base + i for i in range(n)],
+                fallback_reason=decision.reason,
+            )
+            result = await self._await(request, job)
+            t0 = time.perf_counter()
+            quality = 95 if compression is None else compression
+            encoded = await asyncio.to_thread(lambda: [encode(im, fmt, quality) for im in result.images])
+            status = 200
+            return Served(result, encoded, 1000 * (time.perf_counter() - t0), start)
+        except APIError as e:
+            status = e.status_code
+            raise
+        finally:
+            self.metrics.observe_request(endpoint, served_by, served_steps, status, time.perf_counter() - start)
+
+    def _check(self, prompt: str, n: int) -> None:
+        if not prompt.strip():
+            raise APIError(400, "prompt must not be empty", param="prompt", code="invalid_value")
+        if len(prompt) > self.settings.max_prompt_chars:
+            raise APIError(
+                400,
+                f"prompt must be at most {self.settings.max_prompt_chars} characters",
+                param="prompt",
+                code="invalid_value",
+            )
+        if n > self.settings.max_n:
+            raise APIError(400, f"n must be at most {self.settings.max_n}", param="n", code="invalid_value")
+
+    async def _await(self, request: Request, job: Job) -> Result:
+        """Wait for the job; give up on a timeout (504) or when the client goes away (dropped unrun)."""
+        task = asyncio.ensure_future(self.engine.submit(job))
+        deadline = time.perf_counter() + self.settings.request_timeout_s
+        retry = {"Retry-After": str(self.settings.retry_after_s)}
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=0.05)
+                if done:
+                    return task.result()
+                if await request.is_disconnected():  # counted by the APIError handler
+                    job.cancelled = True
+                    raise APIError(499, "client disconnected", code="client_disconnected")
+                if time.perf_counter() > deadline:
+                    job.cancelled = True
+                    raise APIError(
+                        504,
+                        f"request did not finish within {self.settings.request_timeout_s} s",
+                        "server_error",
+                        code="timeout",
+                    )
+        except asyncio.CancelledError:  # the server cancelled the handler: the client has gone
+            job.cancelled = True
+            self.metrics.error("client_disconnected")
+            raise
+        except QueueFull:
+            raise APIError(
+                429,
+                "the queue is full; retry later",
+                "rate_limit_error",
+                code="queue_full",
+                headers={"Retry-After": str(self.engine.retry_after_s())},
+            ) from None
+        except NotServable as e:
+            raise APIError(503, str(e), "server_error", code="model_unavailable", headers=retry) from None
+        except BatchFailed as e:
+            raise APIError(500, str(e), "server_error", code="internal_error") from None
+        finally:
+            if not task.done():
+                task.cancel()
+
+    # ---- GET /v1/models ----------------------------------------------------------------------------------
+    def models(self) -> dict:
+        data = []
+        for m in self.registry.models.values():
+            data.append({
+                "id": m.name, "object": "model", "owned_by": "fewstep", "role": m.role,
+                "supported_steps": m.supported_steps() if m.role == "student" else None,
+                "default_steps": m.card.sampling.default_steps if m.card and m.card.sampling else None,
+                "max_steps": self.settings.max_teacher_steps if m.role == "teacher" else None,
+                "teacher": m.teacher, "native_size": native_size(m), "ready": m.ready, "error": m.error,
+                "default": m.name == self.registry.default,
+            })  # fmt: skip
+        return {"object": "list", "data": data}
+
+
+def native_size(entry: ServedModel | None) -> str | None:
+    if entry is None or entry.card is None:
+        return None
+    size = entry.card.model.get("image_size", 32)
+    return f"{size}x{size}"
