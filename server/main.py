@@ -1,24 +1,16 @@
-"""``fewstep serve``: build the app from settings and run it on uvicorn (SIGTERM drains, then exits)."""
+"""``fewstep serve``: build the app from settings and run it on uvicorn with the deadlines for slow clients and
+the SIGTERM drain of server/lifecycle.py; a drained shutdown exits 0."""
 
 from __future__ import annotations
 
 import logging
-
-import uvicorn
 
 from fewstep.server.settings import ServeSettings
 
 
 def serve(settings: ServeSettings) -> None:
     from fewstep.server.api import create_app
+    from fewstep.server.lifecycle import build_server
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    app = create_app(settings)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
-    )
-    uvicorn.Server(config).run()
+    build_server(create_app(settings), settings).run()

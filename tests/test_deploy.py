@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from fewstep.server.metrics import Metrics
+from fewstep.server.settings import ServeSettings
 from tests.serving import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -223,3 +224,25 @@ def test_kubernetes_manifests_point_at_real_ports_endpoints_and_metrics(containe
     assert metric["pods"]["metric"]["name"] in exported  # a gauge the server really exports
     rules = yaml.safe_load((k8s / "prometheus-adapter-rules.yaml").read_text())
     assert rules["rules"]["custom"][0]["name"]["as"] == metric["pods"]["metric"]["name"]
+
+
+def test_kubernetes_grace_period_covers_prestop_and_the_drain():
+    """The kubelet kills the pod terminationGracePeriodSeconds after preStop begins: that must cover the preStop
+    sleep, the drain's grace period and its deadline for requests in flight, with a margin (the batch on the
+    device, the engine's stop)."""
+    [dep] = [d for d in yaml_docs(ROOT / "deploy" / "kubernetes" / "deployment.yaml") if d["kind"] == "Deployment"]
+    spec = dep["spec"]["template"]["spec"]
+    [c] = spec["containers"]
+    env = {e["name"]: e["value"] for e in c["env"] if "value" in e}
+    s = ServeSettings(**{k.removeprefix("FEWSTEP_").lower(): v for k, v in env.items() if k.startswith("FEWSTEP_")})
+    hook = c["lifecycle"]["preStop"]["exec"]["command"]
+    health = json.loads(instr("HEALTHCHECK")[0].split(" CMD ", 1)[1])
+    assert hook[:2] == [health[0], "-c"], "the image's python, as its HEALTHCHECK runs it"
+    # run the hook's code with time.sleep replaced by print: it runs, and says how long it sleeps
+    run = subprocess.run([sys.executable, "-c", "import time; time.sleep = print\n" + hook[2]], capture_output=True)
+    assert run.returncode == 0, run.stderr
+    pre_stop = float(run.stdout)
+    assert 0 < pre_stop <= 10
+    assert spec["terminationGracePeriodSeconds"] >= pre_stop + s.drain_grace_s + s.drain_timeout_s + 10
+    # a request accepted at the end of the grace period may still run to its own timeout (504)
+    assert s.drain_timeout_s >= s.drain_grace_s + s.request_timeout_s
