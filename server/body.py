@@ -2,9 +2,9 @@
 
 ``json.loads`` turns 10,000 nested arrays into a RecursionError and a 5,000-digit integer into a ValueError
 (Python's integer-conversion limit); both used to escape as 500s, and the connection was reset after them.
-Here any body the parser cannot take — nesting, number size, NaN/Infinity, encoding, not JSON — is a 400 in
-the error shape, and the connection stays usable. Routes use ``JSONRoute`` so FastAPI's own body handling (and
-with it the OpenAPI schema of every request body) stays in place.
+Here any body the parser cannot take — nesting, number size, NaN/Infinity, encoding, a key given twice, not
+JSON — is a 400 in the error shape, and the connection stays usable. Routes use ``JSONRoute`` so FastAPI's own
+body handling (and with it the OpenAPI schema of every request body) stays in place.
 """
 
 from __future__ import annotations
@@ -38,10 +38,26 @@ def _constant(text: str) -> Any:
     raise APIError(400, f"{text} is not a JSON number", code="invalid_json")
 
 
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object's members; a key given twice is an error (parsers disagree on which one wins)."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise APIError(400, f"request body gives the key {quote(dup)} twice", code="invalid_json")
+    return out
+
+
 def loads(body: bytes) -> Any:
     """Parse a request body, or raise a 400 APIError saying what was wrong with it."""
     try:
-        return json.loads(body, parse_int=_number(int), parse_float=_number(float), parse_constant=_constant)
+        return json.loads(
+            body,
+            parse_int=_number(int),
+            parse_float=_number(float),
+            parse_constant=_constant,
+            object_pairs_hook=_unique,
+        )
     except RecursionError:
         raise APIError(400, "request body nests arrays or objects too deeply", code="invalid_json") from None
     except UnicodeDecodeError:

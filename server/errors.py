@@ -56,7 +56,7 @@ def error_response(
 def validation_error(errors) -> APIError:
     """pydantic's first error -> a 400 naming the field (pydantic's messages do not include the input)."""
     first = errors[0]
-    field = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
+    field = ".".join(str(p) for p in first.get("loc", ()) if p != "body")[:QUOTE_LIMIT] or None  # a key is input
     msg = first.get("msg", "invalid value")
     if first.get("type") == "extra_forbidden":
         msg = "unknown field"

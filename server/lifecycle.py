@@ -1,8 +1,9 @@
 """Deadlines for slow clients and a drained shutdown, around the app and inside uvicorn (``fewstep serve``).
 
-- Headers: ``HeaderDeadlineProtocol`` closes a connection whose request headers have not all arrived
-  ``header_timeout_s`` after it opened or after its last response (uvicorn has no such timeout, so sockets
-  sending partial headers stayed open for ever). There is no request yet, so there is nothing to answer.
+- Headers: ``HeaderDeadline`` (mixed into uvicorn's httptools protocol, or h11's without httptools) closes a
+  connection whose request headers have not all arrived ``header_timeout_s`` after it opened or after its last
+  response (uvicorn has no such timeout, so sockets sending partial headers stayed open for ever). There is no
+  request yet, so there is nothing to answer.
 - Bodies: ``Deadlines`` answers 408 (``Connection: close``) when a body has not all arrived ``body_timeout_s``
   after its headers. A client that disconnects mid-body is a client event: one info line and
   ``fewstep_errors_total{type="client_disconnected"}``, never an unhandled error.
@@ -43,7 +44,7 @@ def build_server(app: FastAPI, settings: ServeSettings) -> DrainingServer:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        http=HeaderDeadlineProtocol.with_timeout(settings.header_timeout_s),  # pins h11 (httptools has no hook)
+        http=header_deadline_protocol(settings.header_timeout_s),
         ws="none",  # no WebSocket routes; an upgrade would bypass the header deadline's bookkeeping
         timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s),  # a shutdown without a signal
     )
@@ -148,15 +149,16 @@ async def _error(
     await JSONResponse(body, status, headers)(scope, no_receive, send)
 
 
-class HeaderDeadlineProtocol(H11Protocol):
-    """uvicorn's h11 protocol with a header deadline: a timer starts when the connection opens and again when a
-    response completes (keep-alive), and stops when a request's headers are complete (uvicorn then starts a new
-    request cycle); if it fires first, the connection is closed."""
+class HeaderDeadline:
+    """A header deadline for uvicorn's HTTP protocols (mixed into its httptools and h11 ones): a timer starts
+    when the connection opens and again when a response completes (keep-alive), and stops when a request's
+    headers are complete (uvicorn then starts a new request cycle); if it fires first, the connection is closed.
+    """
 
     header_timeout_s = 10.0
 
     @classmethod
-    def with_timeout(cls, seconds: float) -> type[HeaderDeadlineProtocol]:
+    def with_timeout(cls, seconds: float) -> type[HeaderDeadline]:
         return type(cls.__name__, (cls,), {"header_timeout_s": seconds})
 
     _timer: asyncio.TimerHandle | None = None  # set while waiting for headers
@@ -197,6 +199,20 @@ class HeaderDeadlineProtocol(H11Protocol):
             client = "{}:{}".format(*self.client) if self.client else "a client"
             log.info("closed %s's connection: no complete request headers within %s s", client, self.header_timeout_s)
             self.transport.close()
+
+
+class H11HeaderDeadline(HeaderDeadline, H11Protocol):
+    """The pure-Python h11 protocol with the header deadline."""
+
+
+def header_deadline_protocol(seconds: float) -> type[HeaderDeadline]:
+    """httptools' protocol (a C parser: on 2 cores, parsing a request in Python costs the model a tenth of its
+    throughput under load) with the header deadline; h11's where httptools is not installed."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:
+        return H11HeaderDeadline.with_timeout(seconds)
+    return type("HttpToolsHeaderDeadline", (HeaderDeadline, HttpToolsProtocol), {}).with_timeout(seconds)
 
 
 class DrainingServer(uvicorn.Server):

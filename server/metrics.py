@@ -20,7 +20,7 @@ ERROR_TYPES = (
     "invalid_value", "invalid_json", "unsupported_media_type", "unsupported_value", "body_too_large",
     "model_not_found", "not_found", "method_not_allowed", "invalid_api_key", "queue_full", "timeout",
     "client_disconnected", "model_unavailable", "model_error", "dropped_before_run", "internal", "batcher_restart",
-    "body_timeout", "shutting_down",
+    "body_timeout", "shutting_down", "invalid_request",
 )  # fmt: skip
 
 

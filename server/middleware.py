@@ -24,6 +24,7 @@ from fewstep.server.settings import ServeSettings
 log = logging.getLogger("fewstep.server")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 GENERATION_PATHS = ("/v1/generate", "/v1/images/generations")
+CLOSE = {"Connection": "close"}
 
 
 class RequestContext:

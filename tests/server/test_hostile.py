@@ -43,6 +43,8 @@ HOSTILE = [
     ("5 KB model", {"json": {**OK, "model": "m" * 5000}}, 400, "invalid_value"),
     ("unknown field", {"json": {**OK, "colour": "red"}}, 400, "invalid_value"),
     ("empty body", _raw(b""), 400, "invalid_value"),
+    ("duplicate key", _raw(b'{"prompt": "a 7", "steps": 1, "steps": 2}'), 400, "invalid_json"),
+    ("3000-character field name", {"json": {**OK, "f" * 3000: 1}}, 400, "invalid_value"),
     ("5 KB content-type", {"content": b"{}", "headers": {"content-type": "text/" + "x" * 5000}}, 415,
      "unsupported_media_type"),
 ]  # fmt: skip
