@@ -48,8 +48,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+from loadgen import HOST, RawPool, raw_request  # benchmarks/loadgen.py, beside this script
 
-HOST = "127.0.0.1"  # the only address this script ever talks to
 PROMPT = "a red 7 on black"
 ONE_STEP = {"prompt": PROMPT, "steps": 1}
 MAX_ECHO = 300  # longest acceptable error message / echoed value, in characters
@@ -331,14 +331,6 @@ def raw_socket(port: int, timeout: float = 10) -> socket.socket:
     sock = socket.create_connection((HOST, port), timeout=timeout)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
-
-
-def raw_request(port: int, method: str, path: str, headers: dict[str, str], body: bytes = b"") -> bytes:
-    lines = [f"{method} {path} HTTP/1.1", f"host: {HOST}:{port}"]
-    lines += [f"{k}: {v}" for k, v in headers.items()]
-    if body or method == "POST":
-        lines.append(f"content-length: {len(body)}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
 def _recv_until(sock: socket.socket, buf: bytes, done: Callable[[bytes], bool]) -> tuple[bytes, bool]:
@@ -737,51 +729,6 @@ def metrics_cardinality(ctx: Context, sec: Section) -> None:
 # ---- 3. overload -------------------------------------------------------------------------------------------
 
 
-class RawPool:
-    """A small asyncio HTTP/1.1 client for the load generator: keep-alive sockets, far cheaper per request than
-    httpx, so that at 4x capacity the generator leaves the 2 cores to the server it is measuring."""
-
-    MAX_IDLE_S = 2.0  # a connection idle longer is dropped, not reused: the server may be closing it (keep-alive)
-
-    def __init__(self, port: int, headers: dict[str, str]):
-        self.port, self.idle, self.opened = port, [], 0
-        self.request_bytes = raw_request(
-            port, "POST", "/v1/generate", {**headers, "content-type": "application/json"}, js(ONE_STEP)
-        )
-
-    async def _connection(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        while self.idle:
-            reader, writer, since = self.idle.pop()
-            if time.perf_counter() - since < self.MAX_IDLE_S and not reader.at_eof() and not writer.is_closing():
-                return reader, writer
-            writer.close()
-        reader, writer = await asyncio.open_connection(HOST, self.port)
-        writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.opened += 1
-        return reader, writer
-
-    async def post(self) -> tuple[int, dict[str, str]]:
-        reader, writer = await self._connection()
-        try:
-            writer.write(self.request_bytes)
-            head = await reader.readuntil(b"\r\n\r\n")
-            lines = head.decode("latin-1").split("\r\n")
-            headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
-            await reader.readexactly(int(headers.get("content-length", "0")))
-        except BaseException:
-            writer.close()
-            raise
-        if headers.get("connection", "").lower() == "close":
-            writer.close()
-        else:
-            self.idle.append((reader, writer, time.perf_counter()))
-        return int(lines[0].split()[1]), headers
-
-    def close(self) -> None:
-        for _, writer, _ in self.idle:
-            writer.close()
-
-
 def percentile(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))] if xs else float("nan")
@@ -789,7 +736,7 @@ def percentile(xs: list[float], q: float) -> float:
 
 async def closed_loop(port: int, headers: dict[str, str], clients: int, seconds: float) -> tuple[float, Counter]:
     """``clients`` workers each sending 1-step requests back to back for ``seconds``: -> (200s per second, statuses)."""
-    pool, statuses = RawPool(port, headers), Counter()
+    pool, statuses = RawPool(port, ONE_STEP, headers), Counter()
     stop = time.perf_counter() + seconds
 
     async def worker() -> None:
@@ -821,7 +768,7 @@ async def open_loop(
     port: int, headers: dict[str, str], rate: float, seconds: float, cap: int, patience: float
 ) -> LoadResult:
     """Arrivals every 1/rate s for ``seconds`` whatever the server does (open loop), at most ``cap`` in flight."""
-    pool, res = RawPool(port, headers), LoadResult()
+    pool, res = RawPool(port, ONE_STEP, headers), LoadResult()
     in_flight: set[asyncio.Task] = set()
 
     async def one() -> None:

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import httpx
+from loadgen import RawPool  # benchmarks/loadgen.py, beside this script
 
 
 def free_port() -> int:
@@ -96,18 +97,28 @@ def latencies(url: str, payload: dict, n: int) -> tuple[str, list[float]]:
 
 
 async def _throughput(url: str, payload: dict, clients: int, total: int) -> float:
-    sem = asyncio.Semaphore(clients)
-    transport = httpx.AsyncHTTPTransport(socket_options=NODELAY, limits=httpx.Limits(max_connections=clients))
-    async with httpx.AsyncClient(base_url=url, timeout=600, transport=transport) as c:
+    """Steady-state images/s of ``clients`` closed-loop clients: every client sends one request to warm up and
+    fill the pipeline, then ``total`` requests are timed. The clients are benchmarks/loadgen.py's raw HTTP/1.1
+    connections, so that they take as little as they can of the cores the server runs on."""
+    pool = RawPool(int(url.rsplit(":", 1)[1]), payload)
+    sent = 0
 
-        async def one(i: int) -> None:
-            async with sem:
-                r = await c.post("/v1/generate", json={**payload, "seed": i})
-                r.raise_for_status()
+    async def worker(n: int | None) -> None:
+        nonlocal sent
+        while (sent < total) if n is None else n > 0:
+            if n is None:
+                sent += 1
+            else:
+                n -= 1
+            status, _ = await pool.post()
+            if status != 200:
+                raise RuntimeError(f"status {status}")
 
-        t0 = time.perf_counter()
-        await asyncio.gather(*(one(i) for i in range(total)))
-        return total / (time.perf_counter() - t0)
+    await asyncio.gather(*(worker(1) for _ in range(clients)))
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker(None) for _ in range(clients)))
+    pool.close()
+    return total / (time.perf_counter() - t0)
 
 
 def throughput(url: str, payload: dict, clients: int, total: int) -> float:
@@ -147,11 +158,12 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="zoo", help="models directory (default ./zoo)")
     p.add_argument("--requests", type=int, default=40, help="sequential requests per latency row")
-    p.add_argument("--total", type=int, default=256, help="requests per throughput row")
+    p.add_argument("--total", type=int, default=1024, help="timed requests per throughput row")
     p.add_argument("--out", default="docs/performance.md")
+    p.add_argument("--max-batch", type=int, default=32, help="the batching server's max_batch (default 32)")
     args = p.parse_args()
 
-    with Server(args.models, max_batch=32, max_wait_ms=5, queue_size=512) as on:
+    with Server(args.models, max_batch=args.max_batch, max_wait_ms=5, queue_size=512) as on:
         models = {m["id"]: m for m in httpx.get(on.url + "/v1/models").json()["data"]}
         student = next(m for m in models.values() if m["default"])
         teacher = next(m for m in models.values() if m["role"] == "teacher")
