@@ -117,11 +117,17 @@ class BodyLimit:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        length = next((v for k, v in scope.get("headers", []) if k == b"content-length"), None)
+        headers = scope.get("headers", [])
+        length = next((v for k, v in headers if k == b"content-length"), None)
+        if length is not None and any(k == b"transfer-encoding" for k, _ in headers):
+            # both framings at once is how requests are smuggled past proxies (RFC 9112 §6.3): refuse, then close
+            message = "request has both Content-Length and Transfer-Encoding"
+            resp = error_response(400, message, code="invalid_request", headers=CLOSE)
+            return await resp(scope, receive, send)
         if length is not None and (not length.isdigit() or int(length) > self.limit):
-            return await error_response(413, f"request body is larger than {self.limit} bytes", code="body_too_large")(
-                scope, receive, send
-            )
+            # the body is not read: the connection cannot carry another request
+            message = f"request body is larger than {self.limit} bytes"
+            return await error_response(413, message, code="body_too_large", headers=CLOSE)(scope, receive, send)
         seen = 0
 
         async def limited() -> Message:

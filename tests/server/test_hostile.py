@@ -186,3 +186,31 @@ def test_the_keep_alive_connection_survives_hostile_bodies(models_dir):
         assert json.loads(c.get("/v1/models").text)["data"]
     with pytest.raises(httpx.HTTPError):  # the server is gone: the check above was against a live socket
         httpx.get(server.url + "/healthz", timeout=1)
+
+
+def _raw_exchange(port: int, data: bytes, wait: float = 3.0) -> tuple[bytes, bool]:
+    """-> (what came back, whether the server closed the connection)."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=wait) as s:
+        s.sendall(data)
+        out = b""
+        try:
+            while chunk := s.recv(65536):
+                out += chunk
+        except TimeoutError:
+            return out, False
+        return out, True
+
+
+@pytest.mark.slow
+def test_ambiguous_framing_and_unread_bodies_close_the_connection(models_dir):
+    body = b'{"prompt": "a 7", "steps": 1}'
+    head = b"POST /v1/generate HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+    with LiveServer(make_settings(models_dir)) as server:
+        smuggle = head + b"content-length: %d\r\ntransfer-encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (
+            len(body), len(body), body)  # fmt: skip
+        out, closed = _raw_exchange(server.port, smuggle)
+        assert out.startswith(b"HTTP/1.1 400") and closed  # by our check (h11) or by the parser (httptools)
+        out, closed = _raw_exchange(server.port, head + b"content-length: 10000000000\r\nexpect: 100-continue\r\n\r\n")
+        assert out.startswith(b"HTTP/1.1 413") and closed
