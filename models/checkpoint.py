@@ -123,9 +123,6 @@ class Evaluation(BaseModel):
     command: str
     created: str = Field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
 
-    def fd_at(self, steps: int) -> float | None:
-        return next((r.fd for r in self.rows if r.steps == steps), None)
-
 
 class Card(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
@@ -163,8 +160,13 @@ def sha256_file(path: Path) -> str:
 
 
 def read_card(directory: str | Path) -> Card:
+    """The validated card, after recovering from what an interrupted save left (see the module docstring)."""
     directory = Path(directory)
     recover(directory)
+    return _read_card(directory)
+
+
+def _read_card(directory: Path) -> Card:
     path = directory / CARD
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: no such checkpoint directory")
@@ -406,11 +408,12 @@ def update_card(directory: str | Path, **changes: Any) -> Card:
     """Rewrite only the card of a checkpoint (``fewstep eval --write-card``): the weights stay as they are, their
     sizes and hashes are checked first, and the new card replaces the old in one atomic rename."""
     directory = Path(directory)
-    card = read_card(directory)
-    for name in card.files:
-        verify_file(directory, card, name)
-    updated = Card.model_validate({**card.model_dump(), **changes})
-    with _lock(directory.parent):
+    recover(directory)  # may wait for the lock itself: before taking it
+    with _lock(directory.parent):  # no save may commit between reading the card and writing it back
+        card = _read_card(directory)
+        for name in card.files:
+            verify_file(directory, card, name)
+        updated = Card.model_validate({**card.model_dump(), **changes})
         part = directory / f"{CARD}.part"
         _write_text(part, updated.model_dump_json(indent=2) + "\n")
         part.chmod(0o644)

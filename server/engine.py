@@ -117,7 +117,7 @@ class Engine:
         self._stopping = False
         self.batcher_restarts = 0
         self.warmed_up = False
-        self.draining = False  # set on SIGTERM (server/main.py): /readyz answers 503 while in-flight work ends
+        self.draining = False  # set on SIGTERM (server/lifecycle.py): /readyz answers 503 while in-flight work ends
         self._last_arrival, self._arrival_gap_s = float("-inf"), float("inf")
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
@@ -148,8 +148,9 @@ class Engine:
         self.warmed_up = True
 
     async def stop(self, deadline_s: float | None = None) -> None:
-        """Finish what is queued and running (SIGTERM drains) until ``deadline_s``; then fail what is left with
-        503 and stop. Never blocks the event loop."""
+        """Finish what is queued and running (SIGTERM drains) until ``deadline_s``; then fail what is still
+        queued with 503 and stop (a batch still running is abandoned: lifecycle.Deadlines answers its requests
+        at the drain deadline). Never blocks the event loop."""
         deadline = time.perf_counter() + (self.settings.request_timeout_s if deadline_s is None else deadline_s)
         while (self.queue or self._running is not None) and time.perf_counter() < deadline:
             await asyncio.sleep(0.01)
@@ -245,7 +246,15 @@ class Engine:
         try:
             return await job.future
         finally:
-            job.cancelled = True  # a timed-out or abandoned job is dropped if still queued
+            self.cancel(job)
+
+    def cancel(self, job: Job) -> None:
+        """A job nobody waits for any more (timeout, disconnect): out of the queue and its work budget now,
+        not when the running batch ends, so dead jobs do not turn live clients away."""
+        job.cancelled = True
+        if any(j is job for j in self.queue):
+            self._remove([job])
+            self.metrics.error("dropped_before_run")
 
     # ---- batching ----------------------------------------------------------------------------------------
     def _remove(self, jobs: list[Job]) -> None:

@@ -151,7 +151,7 @@ async def _error(
 
 
 class HeaderDeadline:
-    """A header deadline for uvicorn's HTTP protocols (mixed into its httptools and h11 ones): a timer starts
+    """A header deadline for uvicorn's HTTP protocols (mixed into its h11 one): a timer starts
     when the connection opens and again when a response completes (keep-alive), and stops when a request's
     headers are complete (uvicorn then starts a new request cycle); if it fires first, the connection is closed.
     """

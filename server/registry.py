@@ -39,16 +39,6 @@ class ServedModel:
         it was exported for); [] for a teacher, which serves any count its schedule allows."""
         return self.card.serves_steps() if self.card else []
 
-    def supports(self, steps: int) -> bool:
-        if self.model is None:
-            return False
-        return steps in self.supported_steps() if self.role == "student" else self.model.supports(steps)
-
-    def measured_fd(self, steps: int) -> float:
-        """The Fréchet distance its card's evaluation records at ``steps``, inf when unmeasured."""
-        fd = self.card.evaluation.fd_at(steps) if self.card and self.card.evaluation else None
-        return float("inf") if fd is None else fd
-
 
 @dataclass
 class Registry:
@@ -80,11 +70,11 @@ class Registry:
                 log.warning("cannot load %s: %s", sub, e)
             reg.models[card.name] = entry
         if not reg.models:
-            raise ValueError(f"no teacher or student checkpoint in {directory}")
+            raise UsageError(f"no teacher or student checkpoint in {directory}")
         reg._link_teachers()  # if none of them loads, the server still starts and /readyz says why (503)
         reg.default = default or reg._pick_default()
         if reg.default not in reg.models:
-            raise ValueError(f"default model {reg.default!r} is not among {sorted(reg.models)}")
+            raise UsageError(f"--default-model {reg.default!r} is not among {sorted(reg.models)}")
         return reg
 
     @classmethod

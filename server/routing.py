@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from fewstep.server.errors import quote
+
 # why a request did not go to the student that would have served it (the `fallback_reason` field, and a label)
 FALLBACK_REASONS = ("teacher_requested", "student_unavailable", "steps_unsupported", "circuit_open", "student_error")
 
@@ -72,7 +74,7 @@ def route(snap: Snapshot, model: str | None, steps: int | None, want_teacher: bo
     entry = snap.models.get(name)
     if entry is None:
         raise RouteError(
-            404, f"model {_quote(name)} does not exist; GET /v1/models lists the models", "model_not_found", "model"
+            404, f"model {quote(name)} does not exist; GET /v1/models lists the models", "model_not_found", "model"
         )
     if steps is not None and steps > snap.max_request_steps:
         raise RouteError(400, f"steps must be at most {snap.max_request_steps}", "invalid_value", "steps")
@@ -84,6 +86,7 @@ def route(snap: Snapshot, model: str | None, steps: int | None, want_teacher: bo
     if entry.role == "teacher":
         if not entry.loaded:
             raise RouteError(503, f"{entry.name} is not available: {entry.error}", "model_unavailable")
+        _check_teacher_steps(entry, steps)
         return Decision(entry.name, steps or entry.default_steps)
     if want_teacher:
         reason = "teacher_requested"
@@ -109,7 +112,15 @@ def route(snap: Snapshot, model: str | None, steps: int | None, want_teacher: bo
         )
     # a count the teacher can run beyond the student's is honoured; otherwise (a student's 1-4) its default
     t_steps = steps if steps is not None and steps > max(entry.serves or (0,)) else None
+    _check_teacher_steps(teacher, t_steps)
     return Decision(teacher.name, t_steps or teacher.default_steps, reason)
+
+
+def _check_teacher_steps(teacher: ModelView, steps: int | None) -> None:
+    if steps is not None and not teacher.can_serve(steps):
+        raise RouteError(
+            400, f"{teacher.name} runs 1 to {teacher.max_steps} steps, not {steps}", "invalid_value", "steps"
+        )
 
 
 def readiness(snap: Snapshot, warmed_up: bool, draining: bool, batcher_alive: bool = True) -> tuple[str, list[str]]:
@@ -129,9 +140,3 @@ def readiness(snap: Snapshot, warmed_up: bool, draining: bool, batcher_alive: bo
     if not any(m.loaded for m in snap.models.values()):
         return "unavailable", causes or ["no model loaded"]
     return ("degraded" if causes else "ready"), causes
-
-
-def _quote(value: str, limit: int = 64) -> str:
-    """A client's value in a message: repr, cut to ``limit`` characters (never echo a 5 KB value back)."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -171,6 +171,9 @@ class ImageService:
         except APIError as e:
             status = e.status_code
             raise
+        except asyncio.CancelledError:  # cut by the drain deadline, which answers 503 (or the client left)
+            status = 503
+            raise
         finally:
             self.metrics.observe_request(endpoint, served_by, served_steps, status, time.perf_counter() - start)
 
@@ -201,7 +204,7 @@ class ImageService:
             )
             if task in done:
                 return task.result()
-            job.cancelled = True
+            self.engine.cancel(job)
             if gone in done:  # counted by the APIError handler
                 raise APIError(499, "client disconnected", code="client_disconnected")
             raise APIError(
@@ -210,8 +213,8 @@ class ImageService:
                 "server_error",
                 code="timeout",
             )
-        except asyncio.CancelledError:  # the server cancelled the handler: the client has gone
-            job.cancelled = True
+        except asyncio.CancelledError:  # the server cancelled the handler (client gone, or the drain deadline)
+            self.engine.cancel(job)
             self.metrics.error("client_disconnected")
             raise
         except QueueFull:

@@ -100,7 +100,12 @@ def _coerce(kind: Any, value: Any, key: str) -> Any:
             raise UsageError(f"{key}: expected a mapping of {kind.__name__} settings, got {value!r}")
         return build_config(kind, value, prefix=f"{key}.")
     if origin is tuple:
-        items = value.split(",") if isinstance(value, str) else list(value)
+        if isinstance(value, str):
+            items = value.split(",")
+        elif isinstance(value, (list, tuple)):
+            items = list(value)
+        else:
+            items = [value]  # a scalar where a tuple is expected: a one-item tuple (student_steps: 4)
         args = typing.get_args(kind)
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_coerce(args[0], v, key) for v in items)
@@ -144,6 +149,8 @@ def parse_sets(sets: list[str]) -> dict[str, Any]:
         node = out
         for p in parents:
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise UsageError(f"--set {key.strip()}: {p} was set to a value, not a section")
         node[leaf] = value.strip()
     return out
 
@@ -159,7 +166,3 @@ def load_config(cls: type, path: str | Path | None, sets: list[str] = ()) -> Any
     """YAML file (optional) then --set overrides, validated against the dataclass's fields and types."""
     values: dict[str, Any] = read_mapping(path) if path is not None else {}
     return build_config(cls, _merge(values, parse_sets(list(sets))))
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)

@@ -169,7 +169,7 @@ def record_in_card(
 
     A student serves the measured step counts whose digit, foreground and background accuracies all reach
     ``min_accuracy``; the grid each measured count used is recorded in its sampling section, so the card says
-    exactly how a served count is sampled. Routing reads this section (server/registry.py), nothing else.
+    exactly how a served count is sampled. Routing reads this section (server/routing.py), nothing else.
     A text-to-image card's free-form ``metrics`` are cleared: its measurements live here now.
     """
     card = model.card

@@ -40,7 +40,7 @@ class Auxiliary:
     """A network a recipe trains or tracks beside its module: DMD2's fake score, LADD's discriminator heads,
     the consistency target. It lives on the run's device, is DDP-wrapped when trained across processes, has its
     own AdamW (``lr`` None: not optimised, e.g. an EMA target), and is saved with the run's state and exported
-    as ``NAME.safetensors`` beside the student."""
+    as ``OUT/auxiliary/NAME.safetensors`` (the student's checkpoint stays strict)."""
 
     def __init__(
         self,

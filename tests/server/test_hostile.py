@@ -214,3 +214,13 @@ def test_ambiguous_framing_and_unread_bodies_close_the_connection(models_dir):
         assert out.startswith(b"HTTP/1.1 400") and closed  # by our check (h11) or by the parser (httptools)
         out, closed = _raw_exchange(server.port, head + b"content-length: 10000000000\r\nexpect: 100-continue\r\n\r\n")
         assert out.startswith(b"HTTP/1.1 413") and closed
+
+
+async def test_an_abandoned_job_leaves_the_queue_and_its_budget_at_once(models_dir):
+    async with serve_app(make_settings(models_dir)) as client:
+        engine = client.engine
+        job = Job("tiny-student", "tiny-student", "a 7", 1, None, [0], cost_s=0.5)
+        engine.queue.append(job)
+        engine.queued_work_s += job.cost_s
+        engine.cancel(job)
+        assert not engine.queue and engine.queued_work_s == 0 and job.cancelled

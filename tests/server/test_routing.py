@@ -94,3 +94,12 @@ def test_readiness(snapshot, warm, draining, alive, state):
     got, causes = readiness(snapshot, warm, draining, alive)
     assert got == state
     assert (state == "ready") == (not causes)
+
+
+def test_a_count_beyond_the_teacher_is_a_400_not_a_model_error():
+    short = snap(broken(T, max_steps=50), FAST, ONE)
+    with pytest.raises(RouteError) as e:
+        route(short, "teacher", 60)
+    assert (e.value.status, e.value.param) == (400, "steps")
+    with pytest.raises(RouteError):
+        route(short, "fast", 60)  # the fallback would hand the teacher 60 steps

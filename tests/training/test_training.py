@@ -168,3 +168,37 @@ def test_auxiliary_networks_resume_and_export(tiny_teacher, tmp_path):
     # resuming a finished run loads the auxiliary's state and trains no further
     info = distill(cfg)
     assert info == [tmp_path / "export"]
+
+
+def test_dmd2_batches_shard_along_the_batch(tiny_teacher):
+    """Every tensor of a DMD2 batch has the batch first, so two DDP ranks each get half of every update's draws."""
+    from fewstep.training.config import build_config
+    from fewstep.training.distill.common import load_teacher
+    from fewstep.training.distill.config import DistillConfig
+    from fewstep.training.distill.dmd2 import DMD2Recipe
+    from fewstep.training.loop import shard
+
+    cfg = build_config(
+        DistillConfig,
+        dict(
+            method="dmd2",
+            teacher=str(tiny_teacher),
+            data="synthetic",
+            batch_size=4,
+            dmd2={"fake_updates": 3, "generator_steps": 4},
+        ),
+    )
+    batch = DMD2Recipe(cfg, load_teacher(cfg.teacher)).make_batch(torch.Generator().manual_seed(0))
+    half = shard(batch, rank=1, world=2)
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            assert value.shape[0] == 4 and half[key].shape[0] == 2, key
+    assert half["fake_t"].shape == (2, 3) and half["sim_noise"].shape[1] == 5  # 4 steps: 5 grid points
+
+
+def test_set_rejects_a_value_then_a_section_and_takes_a_scalar_tuple():
+    from fewstep.training.distill.config import DistillConfig
+
+    with pytest.raises(ValueError, match="was set to a value"):
+        load_config(DistillConfig, None, ["consistency=1", "consistency.grid_steps=2"])
+    assert load_config(DistillConfig, None, ["consistency.student_steps=4"]).consistency.student_steps == (4,)

@@ -73,14 +73,15 @@ class DMD2Recipe(DistillRecipe):
     def make_batch(self, generator: torch.Generator) -> dict[str, Any]:
         b, shape, k = self.cfg.batch_size, self.teacher.latent_shape, self.s.fake_updates
         batch = self.source.draw(b, generator)  # real images for the GAN head
+        # every tensor has the batch first, so DDP ranks shard the batch (loop.shard), not the update index
         lo, hi = self.s.t_min, self.s.t_max
         batch.update(
             z=torch.randn(b, *shape, generator=generator),
-            sim_noise=torch.randn(len(self.grid), b, *shape, generator=generator),
+            sim_noise=torch.randn(len(self.grid), b, *shape, generator=generator).transpose(0, 1),
             k=torch.randint(0, self.s.generator_steps, (1,), generator=generator).expand(b).clone(),
-            fake_t=logit_normal_t(k * b, generator).view(k, b),
-            fake_eps=torch.randn(k, b, *shape, generator=generator),
-            real_eps=torch.randn(k, b, *shape, generator=generator),
+            fake_t=logit_normal_t(k * b, generator).view(k, b).T,
+            fake_eps=torch.randn(k, b, *shape, generator=generator).transpose(0, 1),
+            real_eps=torch.randn(k, b, *shape, generator=generator).transpose(0, 1),
             dm_t=lo + (hi - lo) * torch.rand(b, generator=generator),
             dm_eps=torch.randn(b, *shape, generator=generator),
             gan_t=logit_normal_t(b, generator),
@@ -95,7 +96,7 @@ class DMD2Recipe(DistillRecipe):
         with torch.no_grad():
             for j in range(k):
                 x0 = x0_from_velocity(x, velocity(self.module, x, ones * self.grid[j], cond), ones * self.grid[j])
-                x = interpolate(x0, sim_noise[j], ones * self.grid[j + 1])
+                x = interpolate(x0, sim_noise[:, j], ones * self.grid[j + 1])
         t = ones * self.grid[k]
         return x0_from_velocity(x, velocity(self.ctx.module, x, t, cond), t)
 
@@ -120,10 +121,10 @@ class DMD2Recipe(DistillRecipe):
 
     def _update_fake(self, x_gen: torch.Tensor, x_real: torch.Tensor, cond, batch: dict[str, Any]) -> dict[str, Any]:
         for i in range(self.s.fake_updates):
-            t, eps = batch["fake_t"][i], batch["fake_eps"][i]
+            t, eps = batch["fake_t"][:, i], batch["fake_eps"][:, i]
             v, logits_fake = self.fake(interpolate(x_gen, eps, t), t, cond, True)
             loss_fm = F.mse_loss(v.float(), (eps - x_gen).float())
-            _, logits_real = self.fake(interpolate(x_real, batch["real_eps"][i], t), t, cond, True)
+            _, logits_real = self.fake(interpolate(x_real, batch["real_eps"][:, i], t), t, cond, True)
             loss_d = gan_discriminator(logits_real, logits_fake)
             self.fake.update(loss_fm + GAN_DISC_WEIGHT * loss_d)
         return {"loss_fake": loss_fm.detach(), "loss_gan_d": loss_d.detach()}
