@@ -46,6 +46,7 @@ def build_server(app: FastAPI, settings: ServeSettings) -> DrainingServer:
         log_level=settings.log_level,
         http=header_deadline_protocol(settings.header_timeout_s),
         loop="asyncio",  # the drain and the deadlines are tested on asyncio's loop
+        access_log=False,  # RequestContext logs every request once, with its id, status and time
         ws="none",  # no WebSocket routes; an upgrade would bypass the header deadline's bookkeeping
         timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s),  # a shutdown without a signal
     )
