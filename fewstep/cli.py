@@ -41,14 +41,13 @@ def _kernels_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _load(args: argparse.Namespace):
-    """The --model checkpoint on --device with --kernels (else FEWSTEP_KERNELS): parsed here once."""
+def _load(args: argparse.Namespace, directory: Path):
+    """The checkpoint in ``directory`` on --device with --kernels (else FEWSTEP_KERNELS): parsed here once."""
     from fewstep.kernels.runtime import mode_from_env, parse_mode, resolve_device
     from fewstep.models.pipeline import TextToImage
-    from fewstep.paths import resolve_model
 
     mode = parse_mode(args.kernels, "--kernels") if args.kernels else mode_from_env()
-    return TextToImage.load(resolve_model(args.model, "digits-teacher"), resolve_device(args.device), mode)
+    return TextToImage.load(directory, resolve_device(args.device), mode)
 
 
 # ---- data ------------------------------------------------------------------------------------------------
@@ -148,9 +147,10 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
 @command("sample", "generate one PNG per prompt line with a teacher or student", _sample_args)
 def _sample(args: argparse.Namespace) -> int:
     from fewstep.models.generate import generate_to_dir, read_prompts
+    from fewstep.paths import resolve_model
 
     prompts = read_prompts(args.prompts_file)
-    model = _load(args)
+    model = _load(args, resolve_model(args.model, "digits-teacher"))
     done = generate_to_dir(
         model,
         prompts,
@@ -208,27 +208,22 @@ def _eval(args: argparse.Namespace) -> int:
         steps = [int(s) for s in args.steps.split(",")] if args.steps else None
     except ValueError:
         raise UsageError(f"--steps must be comma-separated integers, got {args.steps!r}") from None
-    model = _load(args)
+    model_dir = resolve_model(args.model, "digits-teacher")
+    judge = resolve_model(args.classifier, "digits-classifier")
+    model = _load(args, model_dir)
     steps = steps or [model.sampling.default_steps]
     for s in steps:
         if not model.supports(s):
-            raise UsageError(f"{model.name} supports steps {model.supported_steps()}, not {s}")
-    classifier = load_classifier(resolve_model(args.classifier, "digits-classifier"))
+            raise UsageError(f"{model.name} supports steps {model.steps_text()}, not {s}")
+    classifier = load_classifier(judge)
     results = evaluate(model, classifier, steps, n=args.n, guidance=args.guidance, data=args.data)
     out = Path(args.out or Path("runs") / "eval" / model.name)
     j, m = write_results(results, out, model, args.guidance)
     print(m.read_text())
     print(f"wrote {j}, {m} and sample grids to {out}")
     if args.write_card:
-        judge = resolve_model(args.classifier, "digits-classifier")
-        card = record_in_card(
-            resolve_model(args.model, "digits-teacher"),
-            results,
-            model,
-            judge,
-            args.min_accuracy,
-            command="fewstep " + " ".join(sys.argv[1:]),
-        )
+        command = "fewstep " + " ".join(sys.argv[1:])
+        card = record_in_card(model_dir, results, model, judge, args.min_accuracy, command=command)
         served = card.serves_steps()
         print(f"recorded in {model.name}'s card" + (f"; it serves steps {served}" if card.role == "student" else ""))
     return 0

@@ -11,10 +11,10 @@ MODELS_ENV = "FEWSTEP_MODELS"
 HOW = "pass --models DIR, set FEWSTEP_MODELS=DIR, or run from a fewstep checkout, whose ./zoo holds the shipped models"
 
 
-def models_dir(explicit: str | Path | None = None, must_exist: bool = True) -> Path:
+def models_dir(explicit: str | Path | None = None) -> Path:
     """The models directory: ``explicit`` (--models), else $FEWSTEP_MODELS, else ./zoo.
 
-    With ``must_exist``, a missing directory is a UsageError saying where it looked and how to point elsewhere.
+    A missing directory is a UsageError saying where it looked and how to point elsewhere.
     """
     if explicit:
         path, source = Path(explicit), "--models"
@@ -22,7 +22,7 @@ def models_dir(explicit: str | Path | None = None, must_exist: bool = True) -> P
         path, source = Path(os.environ[MODELS_ENV]), MODELS_ENV
     else:
         path, source = Path("zoo"), "the default ./zoo"
-    if must_exist and not path.is_dir():
+    if not path.is_dir():
         raise UsageError(f"no models directory at {path} ({source}): {HOW}")
     return path
 

@@ -54,7 +54,7 @@ def generate_to_dir(
         raise UsageError("--batch-size must be >= 1")
     steps = model.sampling.default_steps if steps is None else steps
     if not model.supports(steps):
-        raise UsageError(f"{model.name} supports steps {model.supported_steps()}, not {steps}")
+        raise UsageError(f"{model.name} supports steps {model.steps_text()}, not {steps}")
     clash = [out / f"{i:06d}.png" for i in range(len(prompts)) if (out / f"{i:06d}.png").exists()]
     if clash and not overwrite:
         raise UsageError(f"{clash[0]} already exists ({len(clash)} files would be replaced); pass --overwrite")

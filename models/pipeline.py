@@ -132,7 +132,7 @@ class TextToImage:
             return make_timesteps(steps, s.schedule, s.shift)
         if self._is_student and 1 <= steps <= MAX_STUDENT_STEPS:
             return make_timesteps(steps)
-        raise ValueError(f"{self.name} supports steps {self.supported_steps()}, not {steps}")
+        raise ValueError(f"{self.name} supports steps {self.steps_text()}, not {steps}")
 
     def supports(self, steps: int) -> bool:
         """Whether ``steps`` can be sampled (see grid)."""
@@ -143,7 +143,8 @@ class TextToImage:
             or (self._is_student and 1 <= steps <= MAX_STUDENT_STEPS)
         )
 
-    def supported_steps(self) -> str:
+    def steps_text(self) -> str:
+        """The step counts it can sample, for messages: "1-1000", "1-8" or "[1, 2, 4]"."""
         s = self.sampling
         if s.any_steps:
             return f"1-{s.max_steps}"

@@ -34,6 +34,9 @@ class APIError(StarletteHTTPException):
         super().__init__(status, message, headers)
         self.message, self.type, self.param, self.code = message, type_, param, code
 
+    def response(self) -> JSONResponse:
+        return error_response(self.status_code, self.message, self.type, self.param, self.code, self.headers)
+
 
 def quote(value: object, limit: int = QUOTE_LIMIT) -> str:
     """repr(value) cut to ``limit`` characters: enough to recognise, never a 5 KB echo."""
@@ -71,13 +74,13 @@ def install(app: FastAPI, metrics: Metrics) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
         metrics.error(exc.code or exc.type)
-        return error_response(exc.status_code, exc.message, exc.type, exc.param, exc.code, exc.headers)
+        return exc.response()
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
         e = validation_error(exc.errors())
         metrics.error(e.code)
-        return error_response(e.status_code, e.message, e.type, e.param, e.code)
+        return e.response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):

@@ -1,6 +1,6 @@
 """Deadlines for slow clients and a drained shutdown, around the app and inside uvicorn (``fewstep serve``).
 
-- Headers: ``HeaderDeadline`` (mixed into uvicorn's h11 protocol) closes a
+- Headers: ``HeaderDeadline`` (uvicorn's h11 protocol with a timer) closes a
   connection whose request headers have not all arrived ``header_timeout_s`` after it opened or after its last
   response (uvicorn has no such timeout, so sockets sending partial headers stayed open for ever). There is no
   request yet, so there is nothing to answer.
@@ -44,7 +44,7 @@ def build_server(app: FastAPI, settings: ServeSettings) -> DrainingServer:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        http=header_deadline_protocol(settings.header_timeout_s),
+        http=HeaderDeadline.with_timeout(settings.header_timeout_s),
         loop="asyncio",  # the drain and the deadlines are tested on asyncio's loop
         access_log=False,  # RequestContext logs every request once, with its id, status and time
         ws="none",  # no WebSocket routes; an upgrade would bypass the header deadline's bookkeeping
@@ -151,10 +151,14 @@ async def _error(
     await JSONResponse(body, status, headers)(scope, no_receive, send)
 
 
-class HeaderDeadline:
-    """A header deadline for uvicorn's HTTP protocols (mixed into its h11 one): a timer starts
-    when the connection opens and again when a response completes (keep-alive), and stops when a request's
-    headers are complete (uvicorn then starts a new request cycle); if it fires first, the connection is closed.
+class HeaderDeadline(H11Protocol):
+    """uvicorn's h11 protocol with a header deadline: a timer starts when the connection opens and again when a
+    response completes (keep-alive), and stops when a request's headers are complete (uvicorn then starts a new
+    request cycle); if it fires first, the connection is closed.
+
+    h11, not httptools: uvicorn's C parser was tried and rejected. It parsed requests faster (overload goodput
+    81% against 74-79% of capacity) but accepted a 60 KB header, 5,000 headers and an HTTP/0.9 request line, and
+    reset a pooled connection in a drain (docs/reliability.md); h11 answers those with 400/431 and closes cleanly.
     """
 
     header_timeout_s = 10.0
@@ -201,18 +205,6 @@ class HeaderDeadline:
             client = "{}:{}".format(*self.client) if self.client else "a client"
             log.info("closed %s's connection: no complete request headers within %s s", client, self.header_timeout_s)
             self.transport.close()
-
-
-class H11HeaderDeadline(HeaderDeadline, H11Protocol):
-    """The pure-Python h11 protocol with the header deadline."""
-
-
-def header_deadline_protocol(seconds: float) -> type[HeaderDeadline]:
-    """h11's protocol with the header deadline. httptools' C parser was tried (``HeaderDeadline`` mixes into it
-    too) and rejected: it parsed requests faster (overload goodput 81% against 74-79% of capacity) but accepted a
-    60 KB header, 5,000 headers and an HTTP/0.9 request line, and reset a pooled connection in a drain
-    (docs/reliability.md); h11 answers those with 400/431 and closes cleanly."""
-    return H11HeaderDeadline.with_timeout(seconds)
 
 
 class DrainingServer(uvicorn.Server):

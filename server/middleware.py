@@ -97,7 +97,7 @@ class Admission:
                 message = await receive()
                 more = message.get("more_body", False) and message["type"] == "http.request"
         except APIError as e:
-            return await error_response(e.status_code, e.message, code=e.code)(scope, receive, send)
+            return await e.response()(scope, receive, send)
         self.metrics.rejected.inc()
         self.metrics.error("queue_full")
         resp = error_response(

@@ -74,15 +74,16 @@ LOOP_FIELDS = tuple(f.name for f in fields(LoopConfig))
 
 def loop_settings(cfg: Any) -> dict[str, Any]:
     """The loop's part of a config, as a card records it."""
-    return {k: _plain(getattr(cfg, k)) for k in LOOP_FIELDS}
+    return {k: plain(getattr(cfg, k)) for k in LOOP_FIELDS}
 
 
-def own_settings(cfg: Any, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+def own_settings(cfg: Any) -> dict[str, Any]:
     """A config's fields beyond the loop's (a stage's settings), as a card records them."""
-    return {f.name: _plain(getattr(cfg, f.name)) for f in fields(cfg) if f.name not in LOOP_FIELDS + exclude}
+    return {f.name: plain(getattr(cfg, f.name)) for f in fields(cfg) if f.name not in LOOP_FIELDS}
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
+    """A config value as a card records it: sections as dicts, tuples as lists."""
     if dataclasses.is_dataclass(value):
         return dataclasses.asdict(value)
     return list(value) if isinstance(value, tuple) else value
@@ -162,7 +163,11 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def config_from(cls: type, values: dict[str, Any], sets: list[str] = ()) -> Any:
+    """``values`` (a config file's mapping) with ``--set`` overrides on top, validated against ``cls``."""
+    return build_config(cls, _merge(values, parse_sets(list(sets))))
+
+
 def load_config(cls: type, path: str | Path | None, sets: list[str] = ()) -> Any:
     """YAML file (optional) then --set overrides, validated against the dataclass's fields and types."""
-    values: dict[str, Any] = read_mapping(path) if path is not None else {}
-    return build_config(cls, _merge(values, parse_sets(list(sets))))
+    return config_from(cls, read_mapping(path) if path is not None else {}, sets)

@@ -9,7 +9,7 @@ import torch
 from fewstep.models.checkpoint import read_card
 from fewstep.models.flow import consistency_coefficients, consistency_function
 from fewstep.models.pipeline import TextToImage
-from fewstep.training.config import LOOP_FIELDS, _merge, build_config, parse_sets
+from fewstep.training.config import LOOP_FIELDS
 from fewstep.training.distill.config import DistillConfig
 from fewstep.training.distill.losses import (
     dmd_gradient,
@@ -21,28 +21,7 @@ from fewstep.training.distill.losses import (
 )
 from fewstep.training.distill.methods import distill
 from fewstep.training.recipe import Context
-
-
-def tiny_distill(tmp_path, teacher, sets=(), **changes):
-    """A tiny run's config, built as the CLI builds it: loop keys at the top, method keys in their section."""
-    base = dict(
-        teacher=str(teacher),
-        data="synthetic",
-        batch_size=4,
-        max_steps=2,
-        warmup_steps=1,
-        log_every=1,
-        out=str(tmp_path),
-        name="tiny-student",
-        export_dtype="float32",
-        progressive={"start_steps": 4},
-        consistency={"grid_steps": 4},
-        reflow={"pairs": 8, "pair_steps": 2},
-        dmd2={"fake_updates": 2},
-        ladd={"samples": 8, "sample_steps": 2},
-    )
-    base.update(changes)
-    return build_config(DistillConfig, _merge(base, parse_sets(list(sets))))
+from tests.helpers import tiny_distill
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 from fewstep.training.config import TrainConfig, load_config
 from fewstep.training.loop import lr_at, train
 from fewstep.training.stages import make_recipe
-from tests.helpers import tiny_config
+from tests.helpers import tiny_config, tiny_distill
 
 
 def _losses(path):
@@ -143,24 +143,9 @@ def test_nested_sections_and_none_means_inherit(tmp_path):
 
 def test_auxiliary_networks_resume_and_export(tiny_teacher, tmp_path):
     """DMD2's fake score is an Auxiliary: its weights and optimiser are in the run state and it is exported."""
-    from fewstep.training.config import build_config
-    from fewstep.training.distill.config import DistillConfig
     from fewstep.training.distill.methods import distill
 
-    cfg = build_config(
-        DistillConfig,
-        dict(
-            method="dmd2",
-            teacher=str(tiny_teacher),
-            data="synthetic",
-            batch_size=2,
-            max_steps=2,
-            warmup_steps=1,
-            out=str(tmp_path),
-            export_dtype="float32",
-            dmd2={"fake_updates": 1},
-        ),
-    )
+    cfg = tiny_distill(tmp_path, tiny_teacher, method="dmd2", batch_size=2, dmd2={"fake_updates": 1})
     distill(cfg)
     state = torch.load(tmp_path / "state.pt", weights_only=True)
     assert set(state["aux"]) == {"fake_score"} and state["aux"]["fake_score"]["opt"]["state"]
@@ -172,22 +157,11 @@ def test_auxiliary_networks_resume_and_export(tiny_teacher, tmp_path):
 
 def test_dmd2_batches_shard_along_the_batch(tiny_teacher):
     """Every tensor of a DMD2 batch has the batch first, so two DDP ranks each get half of every update's draws."""
-    from fewstep.training.config import build_config
     from fewstep.training.distill.common import load_teacher
-    from fewstep.training.distill.config import DistillConfig
     from fewstep.training.distill.dmd2 import DMD2Recipe
     from fewstep.training.loop import shard
 
-    cfg = build_config(
-        DistillConfig,
-        dict(
-            method="dmd2",
-            teacher=str(tiny_teacher),
-            data="synthetic",
-            batch_size=4,
-            dmd2={"fake_updates": 3, "generator_steps": 4},
-        ),
-    )
+    cfg = tiny_distill("unused", tiny_teacher, method="dmd2", dmd2={"fake_updates": 3, "generator_steps": 4})
     batch = DMD2Recipe(cfg, load_teacher(cfg.teacher)).make_batch(torch.Generator().manual_seed(0))
     half = shard(batch, rank=1, world=2)
     for key, value in batch.items():

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from fewstep.training.config import LoopConfig, _plain
+from fewstep.training.config import LoopConfig, plain
 
 
 @dataclass(frozen=True)
@@ -97,4 +97,4 @@ class DistillConfig(LoopConfig):
 
     def settings_record(self) -> dict[str, Any]:
         """What a student's card records of the method: its section and the distillation-wide settings."""
-        return {"teacher": self.teacher, "teacher_guidance": self.teacher_guidance, **_plain(self.settings)}
+        return {"teacher": self.teacher, "teacher_guidance": self.teacher_guidance, **plain(self.settings)}
