@@ -180,3 +180,26 @@ def test_missing_models_directory_says_how(tmp_path):
     )
     assert r.returncode == 2, r.stderr
     assert "FEWSTEP_MODELS" in r.stderr and "--models" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_eval_write_card_records_the_evaluation_and_the_served_steps(tiny_teacher, tiny_classifier, tmp_path):
+    """`fewstep eval --write-card`: a typed evaluation in the card (which routing reads), the served counts by the
+    accuracy gate, the grid of every measured count, the weights untouched."""
+    from fewstep.models.checkpoint import read_card
+    from tests.serving import build_models_dir
+
+    student = build_models_dir(tmp_path / "models", tiny_teacher) / "tiny-student"
+    weights = (student / "transformer.safetensors").read_bytes()
+    base = ["eval", "--model", student, "--classifier", tiny_classifier, "--n", 20, "--data", "synthetic"]
+    fewstep(*base, "--steps", "1,3", "--out", tmp_path / "e1", "--write-card", "--min-accuracy", 0)
+    card = read_card(student)
+    assert [r.steps for r in card.evaluation.rows] == [1, 3] and card.evaluation.n == 20
+    assert card.evaluation.judge.name == "tiny-classifier" and "--write-card" in card.evaluation.command
+    assert card.serves_steps() == [1, 3] and card.sampling.timesteps["3"] == pytest.approx([1.0, 2 / 3, 1 / 3, 0.0])
+    fewstep(*base, "--steps", "1,3", "--out", tmp_path / "e2", "--write-card", "--min-accuracy", 1.0)
+    card = read_card(student)
+    perfect = [r.steps for r in card.evaluation.rows if min(r.digit_accuracy, r.fg_accuracy, r.bg_accuracy) >= 1.0]
+    assert card.serves_steps() == perfect and card.evaluation.min_accuracy == 1.0
+    assert (student / "transformer.safetensors").read_bytes() == weights
+    r = fewstep(*base, "--steps", "1", "--write-card", "--min-accuracy", 2, check=False)
+    assert r.returncode == 2 and "--min-accuracy" in r.stderr
