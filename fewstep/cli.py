@@ -1,4 +1,4 @@
-"""The ``fewstep`` command: data, train, distill, sample, eval, serve, generate.
+"""The ``fewstep`` command: data, train, distill, sample, eval, convert, serve, generate.
 
 Each command parses its flags and calls the library; the work itself lives in the packages, where the
 benchmarks call it too. A user's mistake (a UsageError, a CheckpointError) is one line and exit status 2;
@@ -226,6 +226,32 @@ def _eval(args: argparse.Namespace) -> int:
         card = record_in_card(model_dir, results, model, judge, args.min_accuracy, command=command)
         served = card.serves_steps()
         print(f"recorded in {model.name}'s card" + (f"; it serves steps {served}" if card.role == "student" else ""))
+    return 0
+
+
+# ---- convert ---------------------------------------------------------------------------------------------
+def _convert_args(p: argparse.ArgumentParser) -> None:
+    way = p.add_mutually_exclusive_group(required=True)
+    way.add_argument("--from-diffusers", metavar="PATH", help="a FluxTransformer2DModel or FluxPipeline folder")
+    way.add_argument("--to-diffusers", metavar="DIR", help="a fewstep checkpoint holding an MMDiT (a student too)")
+    p.add_argument("--out", required=True, help="the checkpoint (from) or FluxTransformer2DModel folder (to) to write")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+
+@command("convert", "convert Flux transformers between diffusers and fewstep (exact weight copies)", _convert_args)
+def _convert(args: argparse.Namespace) -> int:
+    from fewstep.models import convert
+
+    if args.from_diffusers:
+        card = convert.from_diffusers(args.from_diffusers, args.out, args.overwrite)
+        t = card.model["transformer"]
+        print(
+            f"wrote {args.out}: a fewstep transformer checkpoint ({t['depth_double']} double + {t['depth_single']} "
+            f"single blocks, hidden {t['hidden_size']}, guidance embedding {t['guidance_embed']})"
+        )
+    else:
+        out = convert.to_diffusers(args.to_diffusers, args.out, args.overwrite)
+        print(f"wrote {out}: FluxTransformer2DModel.from_pretrained({str(out)!r}) loads it")
     return 0
 
 

@@ -128,7 +128,8 @@ class Card(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
     format_version: int = FORMAT_VERSION
     name: str = Field(min_length=1)
-    role: Literal["teacher", "student", "autoencoder", "classifier"]
+    # "transformer": an MMDiT alone (a Flux transformer converted from diffusers: models/convert.py)
+    role: Literal["teacher", "student", "autoencoder", "classifier", "transformer"]
     model: dict[str, Any]  # the architecture config (models/config.py), validated by the loader of the role
     parameterization: Literal["velocity", "consistency"] = "velocity"
     sampling: Sampling | None = None

@@ -51,6 +51,11 @@ class TransformerConfig:
     theta: int = 10_000
     qk_norm_eps: float = 1e-6
     guidance_embed: bool = False  # guidance-distilled students take the CFG scale as an input
+    # FLUX.1-dev multiplies the guidance scale by 1000 before the sinusoidal embedding, as it does t: with 1 most
+    # of the 256 dimensions barely move for w in 1-5. Checkpoints saved before this field existed used 1.
+    guidance_factor: float = 1000.0
+    context_dim: int | None = None  # width of the text tokens (T5: 4096); None: the text encoder's dim
+    pooled_dim: int | None = None  # width of the pooled text vector (CLIP: 768); None: the text encoder's dim
 
     @property
     def head_dim(self) -> int:

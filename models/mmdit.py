@@ -22,9 +22,9 @@ class MMDiT(nn.Module):
         self.latent_size = latent_size
         p, dim = cfg.patch_size, cfg.hidden_size
         self.img_in = nn.Linear(cfg.in_channels * p * p, dim)
-        self.txt_in = nn.Linear(text_dim, dim)
+        self.txt_in = nn.Linear(cfg.context_dim or text_dim, dim)
         self.time_in = MLPEmbedder(256, dim)
-        self.vector_in = MLPEmbedder(text_dim, dim)
+        self.vector_in = MLPEmbedder(cfg.pooled_dim or text_dim, dim)
         self.guidance_in = MLPEmbedder(256, dim) if cfg.guidance_embed else None
         self.double_blocks = nn.ModuleList(
             DoubleStreamBlock(dim, cfg.num_heads, cfg.mlp_ratio, cfg.qk_norm_eps) for _ in range(cfg.depth_double)
@@ -33,7 +33,7 @@ class MMDiT(nn.Module):
             SingleStreamBlock(dim, cfg.num_heads, cfg.mlp_ratio, cfg.qk_norm_eps) for _ in range(cfg.depth_single)
         )
         self.final_layer = LastLayer(dim, p * p * cfg.in_channels)
-        self._rope_cache: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._rope_cache: dict[tuple[int, int, int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def kernels(self) -> str:
@@ -49,11 +49,10 @@ class MMDiT(nn.Module):
                 m.kernels = backend
         return self
 
-    def _rope(self, n_txt: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (n_txt, device)
+    def _rope(self, n_txt: int, grid_h: int, grid_w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (n_txt, grid_h, grid_w, device)
         if key not in self._rope_cache:
-            grid = self.latent_size // self.cfg.patch_size
-            cos, sin = rope_tables(position_ids(n_txt, grid, grid), self.cfg.axes_dim, self.cfg.theta)
+            cos, sin = rope_tables(position_ids(n_txt, grid_h, grid_w), self.cfg.axes_dim, self.cfg.theta)
             self._rope_cache[key] = (cos.to(device), sin.to(device))
         return self._rope_cache[key]
 
@@ -61,24 +60,45 @@ class MMDiT(nn.Module):
         self,
         x: torch.Tensor,  # (B, C, H, W) noisy latents
         t: torch.Tensor,  # (B,) in [0, 1]; 1 = pure noise
-        txt: torch.Tensor,  # (B, Lt, text_dim) text-encoder tokens
-        txt_mask: torch.Tensor,  # (B, Lt) bool, True = real token
-        pooled: torch.Tensor,  # (B, text_dim)
+        txt: torch.Tensor,  # (B, Lt, context_dim) text-encoder tokens
+        txt_mask: torch.Tensor | None,  # (B, Lt) bool, True = real token; None: attend to every token (Flux)
+        pooled: torch.Tensor,  # (B, pooled_dim)
         guidance: torch.Tensor | None = None,  # (B,) CFG scale, for guidance-embedded students
         return_features: bool = False,  # also return the image tokens after every block (discriminators)
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         p = self.cfg.patch_size
-        h, w = x.shape[-2:]
-        img = self.img_in(rearrange(x, "B C (h ph) (w pw) -> B (h w) (C ph pw)", ph=p, pw=p))  # (B, Li, D)
+        h, w = x.shape[-2] // p, x.shape[-1] // p
+        img = rearrange(x, "B C (h ph) (w pw) -> B (h w) (C ph pw)", ph=p, pw=p)  # Flux's 2×2 packing
+        out = self.forward_tokens(img, (h, w), t, txt, txt_mask, pooled, guidance, return_features)
+        v, features = out if return_features else (out, None)
+        v = rearrange(v, "B (h w) (C ph pw) -> B C (h ph) (w pw)", h=h, w=w, ph=p, pw=p)
+        return (v, features) if return_features else v
+
+    def forward_tokens(
+        self,
+        img: torch.Tensor,  # (B, h·w, C·p·p) packed latent patches, row-major (FluxPipeline's packed latents)
+        grid: tuple[int, int],  # (h, w) patches
+        t: torch.Tensor,
+        txt: torch.Tensor,
+        txt_mask: torch.Tensor | None,
+        pooled: torch.Tensor,
+        guidance: torch.Tensor | None = None,
+        return_features: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """The transformer on packed tokens: what FluxTransformer2DModel computes (models/flux.py)."""
+        img = self.img_in(img)  # (B, Li, D)
         vec = self.time_in(timestep_embedding(t, 256).to(img.dtype)) + self.vector_in(pooled)  # (B, D)
         if self.guidance_in is not None:
             if guidance is None:
                 raise ValueError("this model embeds the guidance scale: pass guidance")
-            vec = vec + self.guidance_in(timestep_embedding(guidance, 256, time_factor=1.0).to(img.dtype))
+            g = timestep_embedding(guidance, 256, time_factor=self.cfg.guidance_factor)
+            vec = vec + self.guidance_in(g.to(img.dtype))
         txt = self.txt_in(txt)  # (B, Lt, D)
         n_txt = txt.shape[1]
-        cos, sin = self._rope(n_txt, x.device)
-        key_mask = torch.cat([txt_mask, txt_mask.new_ones(txt_mask.shape[0], img.shape[1])], dim=1)
+        cos, sin = self._rope(n_txt, grid[0], grid[1], img.device)
+        key_mask = None
+        if txt_mask is not None:
+            key_mask = torch.cat([txt_mask, txt_mask.new_ones(txt_mask.shape[0], img.shape[1])], dim=1)
         features: list[torch.Tensor] = []
         for block in self.double_blocks:
             img, txt = block(img, txt, vec, cos, sin, key_mask)
@@ -88,5 +108,4 @@ class MMDiT(nn.Module):
             xs = block(xs, vec, cos, sin, key_mask)
             features.append(xs[:, n_txt:])
         out = self.final_layer(xs[:, n_txt:], vec)  # (B, Li, p·p·C)
-        out = rearrange(out, "B (h w) (C ph pw) -> B C (h ph) (w pw)", h=h // p, w=w // p, ph=p, pw=p)
         return (out, features) if return_features else out

@@ -48,6 +48,15 @@ def load_autoencoder(directory: str | Path, device: str | torch.device = "cpu") 
     return ae.to(device).eval().requires_grad_(False)
 
 
+def with_legacy_defaults(model: dict[str, Any]) -> dict[str, Any]:
+    """A card's architecture with the values that fields added later had before they existed: a guidance-embedded
+    transformer saved without ``guidance_factor`` embedded the scale times 1, not FLUX.1-dev's 1000."""
+    tf = model.get("transformer")
+    if isinstance(tf, dict) and tf.get("guidance_embed") and "guidance_factor" not in tf:
+        return {**model, "transformer": {**tf, "guidance_factor": 1.0}}
+    return model
+
+
 @dataclass
 class TextToImage:
     config: ModelConfig
@@ -234,7 +243,7 @@ class TextToImage:
         if card.sampling is None:
             raise CheckpointError(f"{directory / 'card.json'}: sampling: missing for a {card.role}")
         try:
-            config = ModelConfig.from_dict(card.model)
+            config = ModelConfig.from_dict(with_legacy_defaults(card.model))
         except (TypeError, ValueError, ValidationError) as e:
             raise CheckpointError(f"{directory / 'card.json'}: model: {e}") from None
         tok_path = verify_file(directory, card, TOKENIZER)
