@@ -21,6 +21,7 @@ from fewstep.models.flow import consistency_function
 from fewstep.models.flow import timesteps as make_timesteps
 from fewstep.models.mmdit import MMDiT
 from fewstep.models.sampling import sample_euler, sample_x0, seeded_noise, velocity_denoiser
+from fewstep.models.sizes import Sizes
 from fewstep.models.text import TextCond, TextEncoder, Tokenizer
 
 MAX_STUDENT_STEPS = 8  # a student samples any count up to this on the uniform grid; it serves what was measured
@@ -190,7 +191,12 @@ class TextToImage:
 
     @torch.no_grad()
     def generate_latents(
-        self, prompts: Sequence[str], seeds: Sequence[int], steps: int | None = None, guidance: float | None = None
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        steps: int | None = None,
+        guidance: float | None = None,
+        cond: TextCond | None = None,
     ) -> torch.Tensor:
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
@@ -198,7 +204,7 @@ class TextToImage:
         guidance = self.sampling.guidance if guidance is None else guidance
         grid = self.grid(steps)
         noise = seeded_noise(seeds, self.latent_shape, self.device)
-        fn = self.velocity_fn(self.encode_text(prompts), guidance)
+        fn = self.velocity_fn(self.encode_text(prompts) if cond is None else cond, guidance)
         if self.sampling.sampler == "euler":
             return sample_euler(fn, noise, grid)
         return sample_x0(self.denoiser(fn), noise, grid, seeds)
@@ -216,10 +222,41 @@ class TextToImage:
 
     @torch.no_grad()
     def generate(
-        self, prompts: Sequence[str], seeds: Sequence[int], steps: int | None = None, guidance: float | None = None
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        steps: int | None = None,
+        guidance: float | None = None,
+        size: tuple[int, int] | None = None,
+        cond: TextCond | None = None,
     ) -> torch.Tensor:
-        """-> images (B, 3, H, W) in [-1, 1] (clamped). Same (prompt, steps, seed) -> same image in any batch."""
-        return self.decode(self.generate_latents(prompts, seeds, steps, guidance)).clamp(-1, 1)
+        """-> images (B, 3, H, W) in [-1, 1] (clamped). Same (prompt, steps, seed) -> same image in any batch.
+
+        ``size`` (width, height) must be the native size (``sizes``); ``cond``: the prompts already encoded by a
+        model with the same ``encoder_key``."""
+        if size is not None and (err := self.sizes.error(*size)):
+            raise ValueError(err[1])
+        return self.decode(self.generate_latents(prompts, seeds, steps, guidance, cond)).clamp(-1, 1)
+
+    # ---- what the server asks of any served model (models/diffusers_model.py answers the same) ------------
+    @property
+    def default_steps(self) -> int:
+        return self.sampling.default_steps
+
+    @property
+    def sizes(self) -> Sizes:
+        return Sizes.fixed(self.config.image_size, self.config.image_size)
+
+    def encode(self, prompts: Sequence[str]) -> TextCond:
+        return self.encode_text(prompts)
+
+    @property
+    def encoder_key(self) -> tuple | None:
+        """Equal keys: identical tokenizer and text encoder weights, so one encoding serves both models."""
+        if self.card is None:
+            return None
+        files = self.card.files
+        return (files[TEXT_ENCODER].sha256, files[TOKENIZER].sha256, str(self.device))
 
     # ---- checkpoint I/O ---------------------------------------------------------------------------------
     def save(

@@ -61,6 +61,7 @@ class Job:
     steps: int
     guidance: float | None
     seeds: list[int]
+    size: tuple[int, int] | None = None  # (width, height); None: the model's default
     fallback_reason: str | None = None
     cost_s: float = 0.0  # estimated device seconds
     enqueued: float = field(default_factory=time.perf_counter)
@@ -68,8 +69,9 @@ class Job:
     future: asyncio.Future | None = None
 
     @property
-    def key(self) -> tuple[str, int, float | None]:
-        return (self.model, self.steps, self.guidance)
+    def key(self) -> tuple[str, int, float | None, tuple[int, int] | None]:
+        """Jobs with equal keys run as one batch."""
+        return (self.model, self.steps, self.guidance, self.size)
 
     @property
     def priority(self) -> float:
@@ -172,7 +174,7 @@ class Engine:
         for m in self.registry.models.values():
             if not m.ready:
                 continue
-            steps_list = m.supported_steps() if m.role == "student" else [m.model.sampling.default_steps]
+            steps_list = m.supported_steps() if m.role == "student" else [m.default_steps]
             try:
                 for steps in steps_list:
                     t0 = time.perf_counter()
@@ -195,18 +197,16 @@ class Engine:
         """The models' health now, as plain data for routing (server/routing.py)."""
         views = {}
         for m in self.registry.models.values():
-            sampling = m.card.sampling if m.card and m.card.sampling else None
-            evaluation = m.card.evaluation if m.card else None
             views[m.name] = ModelView(
                 name=m.name,
                 role=m.role,
-                default_steps=sampling.default_steps if sampling else 1,
+                default_steps=m.default_steps,
                 serves=tuple(m.supported_steps()),
-                max_steps=min(self.settings.max_teacher_steps, sampling.max_steps) if sampling else 0,
+                max_steps=min(self.settings.max_teacher_steps, m.max_steps),
                 loaded=m.ready,
                 circuit_open=m.role == "student" and self.breaker.is_open(m.name),
                 teacher=m.teacher,
-                fd={r.steps: r.fd for r in evaluation.rows} if evaluation else {},
+                fd=m.fd,
                 error=m.error,
             )
         return Snapshot(views, self.registry.default or "", self.settings.max_teacher_steps)
@@ -221,8 +221,14 @@ class Engine:
         return route(self.snapshot(), model, steps, want_teacher)
 
     # ---- admission ---------------------------------------------------------------------------------------
-    def estimate_s(self, model: str, images: int, steps: int) -> float:
-        return images * steps * self.cost_s.get(model, DEFAULT_COST_S)
+    def estimate_s(self, model: str, images: int, steps: int, size: tuple[int, int] | None = None) -> float:
+        """Device seconds: images × steps × the model's seconds per image-step at its default size, scaled by
+        pixels for another size (a transformer's cost grows at least with its token count)."""
+        scale = 1.0
+        sizes = self.registry.models[model].sizes if model in self.registry.models else None
+        if size is not None and sizes is not None:
+            scale = size[0] * size[1] / (sizes.width * sizes.height)
+        return images * steps * scale * self.cost_s.get(model, DEFAULT_COST_S)
 
     def saturated(self) -> bool:
         """Full before looking at the request: the HTTP layer refuses without reading the body."""
@@ -233,7 +239,7 @@ class Engine:
         return max(self.settings.retry_after_s, math.ceil(self.queued_work_s))
 
     async def submit(self, job: Job) -> Result:
-        job.cost_s = self.estimate_s(job.model, len(job.seeds), job.steps)
+        job.cost_s = self.estimate_s(job.model, len(job.seeds), job.steps, job.size)
         # an empty queue takes any one job (the request limits bound it); otherwise its work must fit
         if self.queue and (self.saturated() or self.queued_work_s + job.cost_s > self.settings.max_queued_work_s):
             raise QueueFull()
@@ -339,11 +345,15 @@ class Engine:
     def _run_batch(self, batch: list[Job]) -> list[Result | BaseException]:
         start = time.perf_counter()
         entry = self.registry.models[batch[0].model]
-        steps, guidance = batch[0].steps, batch[0].guidance
+        steps, guidance, size = batch[0].steps, batch[0].guidance, batch[0].size
+        prompts = [job.prompt for job in batch for _ in job.seeds]
+        seeds = [s for job in batch for s in job.seeds]
         for job in batch:
             self.metrics.queue_wait.observe(start - job.enqueued)
+        cond = None
         try:
-            images = self._generate(entry, batch, steps, guidance)
+            cond = entry.model.encode(prompts)  # once: a teacher with the same encoder reuses it below
+            images = self._generate(entry, prompts, seeds, steps, guidance, size, cond)
             served_by, reasons = entry.name, [job.fallback_reason for job in batch]
             if entry.role == "student":
                 self.breaker.record_success(entry.name)
@@ -359,16 +369,21 @@ class Engine:
             if teacher is None:
                 self.metrics.error("model_error")
                 return [NotServable(f"{entry.name} failed and has no teacher: {e}") for _ in batch]
-            steps, guidance, entry = teacher.model.sampling.default_steps, None, teacher
+            key = teacher.model.encoder_key
+            same_encoder = cond is not None and key is not None and key == entry.model.encoder_key
+            steps, guidance, entry = teacher.default_steps, None, teacher
             try:
-                images = self._generate(teacher, batch, steps, guidance)
+                images = self._generate(teacher, prompts, seeds, steps, guidance, size, cond if same_encoder else None)
             except Exception as e2:
                 self.metrics.error("model_error")
                 return [NotServable(f"{teacher.name} failed too: {e2}") for _ in batch]
             served_by, reasons = teacher.name, ["student_error"] * len(batch)
         elapsed = time.perf_counter() - start
-        n_images = sum(len(j.seeds) for j in batch)
-        self._observe_cost(served_by, elapsed, n_images, steps)
+        n_images = len(seeds)
+        scale = 1.0
+        if size is not None and entry.sizes is not None:
+            scale = size[0] * size[1] / (entry.sizes.width * entry.sizes.height)
+        self._observe_cost(served_by, elapsed, n_images, steps * scale)
         self.metrics.batch_inference.labels(model=served_by, steps=self.metrics.steps_label(steps)).observe(elapsed)
         self.metrics.batch_size.observe(n_images)
         self.metrics.images.labels(model=served_by).inc(n_images)
@@ -394,10 +409,16 @@ class Engine:
         return out
 
     @staticmethod
-    def _generate(entry: ServedModel, batch: list[Job], steps: int, guidance: float | None) -> torch.Tensor:
-        prompts = [job.prompt for job in batch for _ in job.seeds]
-        seeds = [s for job in batch for s in job.seeds]
-        images = entry.model.generate(prompts, seeds, steps=steps, guidance=guidance).cpu()
+    def _generate(
+        entry: ServedModel,
+        prompts: list[str],
+        seeds: list[int],
+        steps: int,
+        guidance: float | None,
+        size: tuple[int, int] | None,
+        cond,
+    ) -> torch.Tensor:
+        images = entry.model.generate(prompts, seeds, steps=steps, guidance=guidance, size=size, cond=cond).cpu()
         if not torch.isfinite(images).all():
             raise FloatingPointError("non-finite values in the output")
         return images

@@ -28,6 +28,9 @@ class GenerateRequest(BaseModel):
     model: str | None = Field(default=None, pattern=MODEL_NAME)
     quality: Literal["teacher"] | None = None  # "teacher": skip the student
     output_format: OutputFormat = "png"
+    # the image size; either left out takes the model's default (GET /v1/models lists each model's sizes)
+    width: int | None = Field(default=None, ge=1, le=16384)
+    height: int | None = Field(default=None, ge=1, le=16384)
 
 
 class GeneratedImage(BaseModel):

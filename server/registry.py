@@ -1,4 +1,5 @@
-"""The models a server serves: every checkpoint directory under the models dir, and who falls back to whom.
+"""The models a server serves: every checkpoint directory and diffusers pipeline folder (with a fewstep.json) under
+the models dir, and who falls back to whom.
 
 A student that fails to load is still listed (with its error) so that its requests go to its teacher and
 /readyz can say why the server is degraded.
@@ -14,7 +15,9 @@ import torch
 
 from fewstep.errors import UsageError
 from fewstep.models.checkpoint import Card, CheckpointError, read_card
+from fewstep.models.diffusers_model import INDEX, SPEC, DiffusersModel, PipelineSpec, SharedComponents, read_spec
 from fewstep.models.pipeline import TRANSFORMER, TextToImage
+from fewstep.models.sizes import Sizes
 from fewstep.paths import HOW
 
 log = logging.getLogger("fewstep.server")
@@ -22,11 +25,14 @@ log = logging.getLogger("fewstep.server")
 
 @dataclass
 class ServedModel:
+    """One served model: a fewstep checkpoint (``card``) or a diffusers pipeline folder (``spec``)."""
+
     name: str
     role: str  # teacher | student
     path: Path
-    model: TextToImage | None = None
+    model: TextToImage | DiffusersModel | None = None
     card: Card | None = None
+    spec: PipelineSpec | None = None
     teacher: str | None = None  # the teacher a student falls back to
     error: str | None = None  # why it cannot serve
 
@@ -36,41 +42,70 @@ class ServedModel:
 
     def supported_steps(self) -> list[int]:
         """A student's served step counts (Card.serves_steps: measured by `fewstep eval --write-card`, else those
-        it was exported for); [] for a teacher, which serves any count its schedule allows."""
+        it was exported for; a pipeline's fewstep.json); [] for a teacher, which runs any count up to max_steps."""
+        if self.role != "student":
+            return []
+        if self.spec is not None:
+            return sorted(self.spec.supported_steps or [])
         return self.card.serves_steps() if self.card else []
+
+    @property
+    def default_steps(self) -> int:
+        if self.spec is not None:
+            return self.spec.default_steps
+        return self.card.sampling.default_steps if self.card and self.card.sampling else 1
+
+    @property
+    def max_steps(self) -> int:
+        if self.spec is not None:
+            return self.spec.max_steps
+        return self.card.sampling.max_steps if self.card and self.card.sampling else 0
+
+    @property
+    def fd(self) -> dict[int, float]:
+        """Measured Fréchet distance per step count (fewstep eval), for choosing among students."""
+        evaluation = self.card.evaluation if self.card else None
+        return {r.steps: r.fd for r in evaluation.rows} if evaluation else {}
+
+    @property
+    def sizes(self) -> Sizes | None:
+        if self.model is not None:
+            return self.model.sizes
+        if self.spec is not None:
+            return Sizes(self.spec.width, self.spec.height)
+        size = self.card.model.get("image_size", 32) if self.card else None
+        return Sizes.fixed(size, size) if size else None
 
 
 @dataclass
 class Registry:
     models: dict[str, ServedModel] = field(default_factory=dict)
     default: str | None = None
+    shared_bytes: int = 0  # memory not spent twice: components identical across pipelines, loaded once
 
     @classmethod
     def scan(cls, directory: Path, device: torch.device, default: str | None = None, kernels: str = "auto") -> Registry:
+        """Every fewstep checkpoint (card.json) and diffusers pipeline folder with a fewstep.json under
+        ``directory``. One that cannot be loaded is listed with its error (the server is degraded, not down)."""
         if not directory.is_dir():
             raise UsageError(f"no models directory at {directory}: {HOW}")
         reg = cls()
+        shared = SharedComponents()
         # hidden directories are not models: a save in progress stages into .NAME.new (models/checkpoint.py)
         for sub in sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            if not (sub / "card.json").exists():
+            if (sub / "card.json").exists():
+                entry = _load_checkpoint(sub, device, kernels)
+            elif (sub / INDEX).exists():
+                entry = _load_pipeline(sub, device, kernels, shared)
+            else:
                 continue
-            try:
-                card = read_card(sub)
-            except CheckpointError as e:
-                reg.models[sub.name] = ServedModel(sub.name, "student", sub, error=str(e))
-                log.warning("cannot read %s: %s", sub, e)
-                continue
-            if card.role not in ("teacher", "student"):
-                continue
-            entry = ServedModel(card.name, card.role, sub, card=card)
-            try:
-                entry.model = TextToImage.load(sub, device, kernels)
-            except CheckpointError as e:
-                entry.error = str(e)
-                log.warning("cannot load %s: %s", sub, e)
-            reg.models[card.name] = entry
+            if entry is not None:
+                reg.models[entry.name] = entry
         if not reg.models:
             raise UsageError(f"no teacher or student checkpoint in {directory}")
+        reg.shared_bytes = shared.bytes_saved
+        if shared.bytes_saved:
+            log.info("components shared between pipelines: %.1f MB loaded once", shared.bytes_saved / 2**20)
         reg._link_teachers()  # if none of them loads, the server still starts and /readyz says why (503)
         reg.default = default or reg._pick_default()
         if reg.default not in reg.models:
@@ -88,10 +123,13 @@ class Registry:
         return [m for m in self.models.values() if m.role == "teacher" and m.ready]
 
     def _link_teachers(self) -> None:
-        by_sha = {m.model.card.files[TRANSFORMER].sha256: m.name for m in self.teachers() if m.model.card}
+        by_sha = {m.card.files[TRANSFORMER].sha256: m.name for m in self.teachers() if m.card}
         teachers = self.teachers()
         for m in self.models.values():
             if m.role != "student":
+                continue
+            if m.spec is not None:  # a pipeline names its teacher; no guessing among other families' teachers
+                m.teacher = m.spec.teacher if m.spec.teacher in self.models else None
                 continue
             ref = m.card.teacher if m.card else None
             if ref and ref.sha256 in by_sha:
@@ -114,3 +152,38 @@ class Registry:
             return m if m.ready else None
         t = self.models.get(m.teacher) if m.teacher else None
         return t if t is not None and t.ready else None
+
+
+def _load_checkpoint(sub: Path, device: torch.device, kernels: str) -> ServedModel | None:
+    try:
+        card = read_card(sub)
+    except CheckpointError as e:
+        log.warning("cannot read %s: %s", sub, e)
+        return ServedModel(sub.name, "student", sub, error=str(e))
+    if card.role not in ("teacher", "student"):
+        return None
+    entry = ServedModel(card.name, card.role, sub, card=card)
+    try:
+        entry.model = TextToImage.load(sub, device, kernels)
+    except CheckpointError as e:
+        entry.error = str(e)
+        log.warning("cannot load %s: %s", sub, e)
+    return entry
+
+
+def _load_pipeline(sub: Path, device: torch.device, kernels: str, shared: SharedComponents) -> ServedModel | None:
+    if not (sub / SPEC).exists():
+        log.warning("%s: a diffusers pipeline without a %s is not served (docs/checkpoints.md)", sub, SPEC)
+        return None
+    try:
+        spec = read_spec(sub)
+    except UsageError as e:
+        log.warning("cannot read %s: %s", sub, e)
+        return ServedModel(sub.name, "student", sub, error=str(e))
+    entry = ServedModel(spec.name, spec.role, sub, spec=spec)
+    try:
+        entry.model = DiffusersModel.load(sub, device, kernels, shared, spec)
+    except Exception as e:  # a broken folder fails in many libraries' ways: the server serves the rest
+        entry.error = f"cannot load {sub.name}: {type(e).__name__}: {str(e)[:300]}"
+        log.warning("%s", entry.error)
+    return entry

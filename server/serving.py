@@ -8,6 +8,7 @@ import asyncio
 import base64
 import json
 import random
+import re
 import time
 from dataclasses import dataclass
 
@@ -19,7 +20,7 @@ from fewstep.server.engine import BatchFailed, Engine, Job, NotServable, QueueFu
 from fewstep.server.errors import APIError, quote
 from fewstep.server.metrics import Metrics
 from fewstep.server.protocol import QUALITY_STEPS, GenerateRequest, GenerateResponse, ImagesRequest
-from fewstep.server.registry import Registry, ServedModel
+from fewstep.server.registry import Registry
 from fewstep.server.routing import RouteError
 from fewstep.server.settings import ServeSettings
 
@@ -51,6 +52,7 @@ class ImageService:
             body.guidance,
             body.quality == "teacher",
             body.output_format,
+            size=(body.width, body.height),
         )
         r = served.result
         timings = {
@@ -82,22 +84,14 @@ class ImageService:
                 code="unsupported_value",
             )
         name = body.model or self.registry.default
-        entry = self.registry.models.get(name)
-        if entry is None:  # an unknown model is a 404 whatever else is wrong
+        if name not in self.registry.models:  # an unknown model is a 404 whatever else is wrong
             raise APIError(
                 404,
                 f"model {quote(name)} does not exist; GET /v1/models lists the models",
                 param="model",
                 code="model_not_found",
             )
-        native = native_size(entry)
-        if body.size not in (None, "auto", native):
-            raise APIError(
-                400,
-                f"size {quote(body.size)} is not supported: {name} generates {native} images",
-                param="size",
-                code="unsupported_value",
-            )
+        size = parse_size(body.size)
         quality = body.quality or "auto"
         fmt = body.output_format or "png"
         served = await self._serve(
@@ -112,12 +106,15 @@ class ImageService:
             quality == "teacher",
             fmt,
             body.output_compression,
+            size=size,
+            size_param="size",
         )
         r = served.result
+        w, h = r.images[0].size
         return JSONResponse({
             "created": int(time.time()),
             "data": [{"b64_json": base64.b64encode(b).decode(), "revised_prompt": None} for b in served.encoded],
-            "output_format": fmt, "size": native, "quality": quality,
+            "output_format": fmt, "size": f"{w}x{h}", "quality": quality,
         }, headers={"x-served-by": r.served_by, "x-fallback-reason": r.fallback_reason or "",
                     "x-steps": str(r.steps)})  # fmt: skip
 
@@ -135,6 +132,8 @@ class ImageService:
         want_teacher: bool,
         fmt: str,
         compression: int | None = None,
+        size: tuple[int | None, int | None] = (None, None),
+        size_param: str | None = None,  # the field a size error names ("size" on the OpenAI route)
     ) -> Served:
         start = time.perf_counter()
         status, served_by, served_steps = 500, model or self.registry.default, steps
@@ -147,6 +146,7 @@ class ImageService:
                 type_ = "server_error" if e.status >= 500 else "invalid_request_error"
                 raise APIError(e.status, str(e), type_, e.param, e.code, headers) from None
             served_by, served_steps = decision.model, decision.steps
+            job_size = self._size(model or self.registry.default, decision.model, size, size_param)
             base = random.randrange(0, 2**31) if seed is None else seed
             if base + n - 1 > 2**53 - 1:
                 raise APIError(400, "seed + n - 1 must be at most 2**53 - 1", param="seed", code="invalid_value")
@@ -157,6 +157,7 @@ class ImageService:
                 steps=decision.steps,
                 guidance=guidance,
                 seeds=[base + i for i in range(n)],
+                size=job_size,
                 fallback_reason=decision.reason,
             )
             result = await self._await(request, job)
@@ -176,6 +177,26 @@ class ImageService:
             raise
         finally:
             self.metrics.observe_request(endpoint, served_by, served_steps, status, time.perf_counter() - start)
+
+    def _size(
+        self, requested: str, serving: str, size: tuple[int | None, int | None], param: str | None
+    ) -> tuple[int, int] | None:
+        """The (width, height) to generate, checked against the model asked for and the one serving; None for the
+        serving model's default (so requests that name it and requests that do not share a batch)."""
+        width, height = size
+        if width is None and height is None:
+            return None
+        chosen = None
+        for name in dict.fromkeys((requested, serving)):
+            sizes = self.registry.models[name].sizes
+            if sizes is None:
+                continue
+            chosen = (width or sizes.width, height or sizes.height)
+            err = sizes.error(*chosen)
+            if err is not None:
+                raise APIError(400, f"{name}: {err[1]}", param=param or err[0], code="invalid_value")
+        final = self.registry.models[serving].sizes
+        return None if chosen is None or final is None or chosen == (final.width, final.height) else chosen
 
     def _check(self, prompt: str, n: int) -> None:
         if not prompt.strip():
@@ -238,15 +259,20 @@ class ImageService:
     def models(self) -> dict:
         data = []
         for m in self.registry.models.values():
+            sizes = m.sizes
             data.append({
                 "id": m.name, "object": "model", "owned_by": "fewstep", "role": m.role,
+                "format": "diffusers" if m.spec is not None else "fewstep",
                 "supported_steps": m.supported_steps() if m.role == "student" else None,
-                "default_steps": m.card.sampling.default_steps if m.card and m.card.sampling else None,
-                "max_steps": self.settings.max_teacher_steps if m.role == "teacher" else None,
-                "teacher": m.teacher, "native_size": native_size(m), "ready": m.ready, "error": m.error,
-                "default": m.name == self.registry.default,
+                "default_steps": m.default_steps,
+                "max_steps": min(self.settings.max_teacher_steps, m.max_steps) if m.role == "teacher" else None,
+                "teacher": m.teacher, "native_size": sizes.native if sizes else None,
+                "sizes": sizes.describe() if sizes else None,
+                "shared_components": getattr(m.model, "shared", {}),
+                "ready": m.ready, "error": m.error, "default": m.name == self.registry.default,
             })  # fmt: skip
-        return {"object": "list", "data": data}
+        # bytes not loaded twice: components identical across pipelines (FLUX.1-schnell and -dev: CLIP, T5, VAE)
+        return {"object": "list", "data": data, "shared_bytes": self.registry.shared_bytes}
 
 
 async def _disconnected(request: Request) -> None:
@@ -260,8 +286,17 @@ async def _disconnected(request: Request) -> None:
         return
 
 
-def native_size(entry: ServedModel | None) -> str | None:
-    if entry is None or entry.card is None:
-        return None
-    size = entry.card.model.get("image_size", 32)
-    return f"{size}x{size}"
+SIZE = re.compile(r"^([1-9][0-9]{0,4})x([1-9][0-9]{0,4})$")
+
+
+def parse_size(size: str | None) -> tuple[int | None, int | None]:
+    """OpenAI's "WIDTHxHEIGHT" (or "auto", or nothing: the model's default)."""
+    if size in (None, "auto"):
+        return None, None
+    m = SIZE.match(size)
+    if m is None:
+        raise APIError(
+            400, f"size {quote(size)} must be 'auto' or WIDTHxHEIGHT, like 1024x1024", param="size",
+            code="invalid_value",
+        )  # fmt: skip
+    return int(m.group(1)), int(m.group(2))
