@@ -184,6 +184,7 @@ class DiffusersModel:
         components: dict[str, Any] = {}
         ids: dict[str, str] = {}
         reused: dict[str, str] = {}
+        fresh: dict[str, Any] = {}
         saved = 0
         for name, entry in index.items():
             if name.startswith("_"):
@@ -211,7 +212,7 @@ class DiffusersModel:
                 saved += module_bytes(obj)
             else:
                 obj = _load_component(lib, klass, sub, dtype)
-                shared.loaded[key] = (obj, spec.name)
+                fresh[key] = obj
             components[name] = obj
         try:
             pipe = pipe_cls(**components)
@@ -219,6 +220,8 @@ class DiffusersModel:
             raise UsageError(f"{folder / INDEX}: {class_name} cannot be built from its components ({e})") from None
         pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
+        # offered for sharing only once the whole pipeline loaded: a folder that fails holds nothing in memory
+        shared.loaded.update({key: (obj, spec.name) for key, obj in fresh.items()})
         shared.bytes_saved += saved
         factor = getattr(pipe, "vae_scale_factor", 8) * (2 if flux else 1)
         sizes = Sizes(
