@@ -77,7 +77,7 @@ class GenerateResult:
         )
 
 
-def _payload(prompt: str, steps, n, seed, guidance, model, output_format, quality) -> dict[str, Any]:
+def _payload(prompt: str, steps, n, seed, guidance, model, output_format, quality, width, height) -> dict[str, Any]:
     body = {"prompt": prompt, "n": n, "output_format": output_format}
     for key, value in (
         ("steps", steps),
@@ -85,6 +85,8 @@ def _payload(prompt: str, steps, n, seed, guidance, model, output_format, qualit
         ("guidance", guidance),
         ("model", model),
         ("quality", quality),
+        ("width", width),
+        ("height", height),
     ):
         if value is not None:
             body[key] = value
@@ -151,8 +153,10 @@ class FewstepClient:
         model: str | None = None,
         output_format: str = "png",
         quality: str | None = None,
+        width: int | None = None,
+        height: int | None = None,
     ) -> GenerateResult:
-        body = _payload(prompt, steps, n, seed, guidance, model, output_format, quality)
+        body = _payload(prompt, steps, n, seed, guidance, model, output_format, quality, width, height)
         return GenerateResult.from_response(self._request("POST", "/v1/generate", json=body))
 
     def models(self) -> list[dict[str, Any]]:
@@ -212,8 +216,10 @@ class AsyncFewstepClient:
         model: str | None = None,
         output_format: str = "png",
         quality: str | None = None,
+        width: int | None = None,
+        height: int | None = None,
     ) -> GenerateResult:
-        body = _payload(prompt, steps, n, seed, guidance, model, output_format, quality)
+        body = _payload(prompt, steps, n, seed, guidance, model, output_format, quality, width, height)
         return GenerateResult.from_response(await self._request("POST", "/v1/generate", json=body))
 
     async def models(self) -> list[dict[str, Any]]:

@@ -294,6 +294,8 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--model")
     p.add_argument("--guidance", type=float)
+    p.add_argument("--width", type=int, help="image width (default: the model's; GET /v1/models lists its sizes)")
+    p.add_argument("--height", type=int, help="image height (default: the model's)")
     p.add_argument("--format", default="png", choices=["png", "jpeg", "webp"])
     p.add_argument(
         "-o",
@@ -326,6 +328,8 @@ def _generate(args: argparse.Namespace) -> int:
                 model=args.model,
                 guidance=args.guidance,
                 output_format=args.format,
+                width=args.width,
+                height=args.height,
             )
     except FewstepError as e:
         raise UsageError(f"server said {e.status}: {e.message}") from None

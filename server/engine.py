@@ -8,7 +8,7 @@ job. Admission counts work, not requests: a job costs images × steps × the mod
 *arrival + estimated cost*, so a 1-step request that arrives behind a long teacher request overtakes it, while
 the expensive job still runs once the cheap arrivals that would finish before it are served: nothing starves
 (docs/api.md, "Admission and scheduling"). A running batch is not interrupted (step-level preemption is not
-built). The batcher groups queued jobs with the same (model, steps, guidance) into batches of at most
+built). The batcher groups queued jobs with the same (model, steps, guidance, size) into batches of at most
 max_batch images, waiting at most max_wait_ms for a batch to fill when requests arrive in a burst, and runs one
 batch at a time on the device's executor thread, so the event loop never blocks on the model.
 

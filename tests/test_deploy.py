@@ -246,3 +246,54 @@ def test_kubernetes_grace_period_covers_prestop_and_the_drain():
     assert spec["terminationGracePeriodSeconds"] >= pre_stop + s.drain_grace_s + s.drain_timeout_s + 10
     # a request accepted at the end of the grace period may still run to its own timeout (504)
     assert s.drain_timeout_s >= s.drain_grace_s + s.request_timeout_s
+
+
+# ---- FLUX.1-schnell with FLUX.1-dev behind it (docs/deploy.md) ---------------------------------------------
+FLUX_K8S = ROOT / "deploy" / "kubernetes" / "flux"
+
+
+def test_flux_specs_are_valid_and_the_same_everywhere():
+    from fewstep.models.diffusers_model import PipelineSpec
+
+    specs = {p.name: json.loads(p.read_text()) for p in sorted((ROOT / "deploy" / "flux").glob("*.fewstep.json"))}
+    schnell = PipelineSpec.model_validate(specs["flux-schnell.fewstep.json"])
+    dev = PipelineSpec.model_validate(specs["flux-dev.fewstep.json"])
+    assert (schnell.role, schnell.teacher, dev.role, dev.name) == ("student", "flux-dev", "teacher", "flux-dev")
+    assert max(schnell.supported_steps) == 4 and dev.guidance == 3.5 and dev.default_steps == 28
+    assert schnell.max_sequence_length <= 256  # FLUX.1-schnell's limit; equal on both: one prompt encoding
+    assert schnell.max_sequence_length == dev.max_sequence_length
+    [config_map] = [d for d in yaml_docs(FLUX_K8S / "storage.yaml") if d["kind"] == "ConfigMap"]
+    assert {k: json.loads(v) for k, v in config_map["data"].items()} == specs
+
+
+def test_flux_deployment_mounts_the_models_the_fetch_job_writes_and_drains_in_time():
+    [dep] = yaml_docs(FLUX_K8S / "deployment.yaml")
+    [job] = yaml_docs(FLUX_K8S / "fetch-weights.yaml")
+    storage = yaml_docs(FLUX_K8S / "storage.yaml")
+    claims = {d["metadata"]["name"] for d in storage if d["kind"] == "PersistentVolumeClaim"}
+    spec = dep["spec"]["template"]["spec"]
+    [c] = spec["containers"]
+    env = {e["name"]: e["value"] for e in c["env"] if "value" in e}
+    [mount] = c["volumeMounts"]
+    [volume] = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+    assert mount["mountPath"] == env["FEWSTEP_MODELS"] and mount["readOnly"]
+    job_spec = job["spec"]["template"]["spec"]
+    [job_volume] = [v for v in job_spec["volumes"] if "persistentVolumeClaim" in v]
+    assert volume["persistentVolumeClaim"]["claimName"] == job_volume["persistentVolumeClaim"]["claimName"]
+    assert volume["persistentVolumeClaim"]["claimName"] in claims
+    script = job_spec["containers"][0]["args"][0]
+    assert "FLUX.1-$repo" in script and "/models/flux-$repo/fewstep.json" in script
+    s = ServeSettings(**{k.removeprefix("FEWSTEP_").lower(): v for k, v in env.items() if k.startswith("FEWSTEP_")})
+    assert s.default_model == "flux-schnell"
+    assert s.drain_timeout_s >= s.drain_grace_s + s.request_timeout_s
+    assert spec["terminationGracePeriodSeconds"] >= 5 + s.drain_grace_s + s.drain_timeout_s + 10
+
+
+def test_flux_compose_override_mounts_the_models_and_drains_in_time():
+    compose = yaml.safe_load((ROOT / "docker-compose.flux.yml").read_text())
+    svc = compose["services"]["fewstep"]
+    assert any(v.endswith(":/models:ro") for v in svc["volumes"])
+    env = svc["environment"]
+    s = ServeSettings(**{k.removeprefix("FEWSTEP_").lower(): v for k, v in env.items() if k.startswith("FEWSTEP_")})
+    assert s.default_model == "flux-schnell" and s.drain_timeout_s >= s.drain_grace_s + s.request_timeout_s
+    assert int(svc["stop_grace_period"].rstrip("s")) >= s.drain_grace_s + s.drain_timeout_s

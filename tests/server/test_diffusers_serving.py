@@ -20,6 +20,8 @@ from diffusers import FluxPipeline
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from fewstep.cli import main
+from fewstep.clients import FewstepClient
 from tests.serving import LiveServer, make_settings
 from tests.tiny_pipelines import build_flux_pair, build_sdxl_turbo, write_spec
 
@@ -192,3 +194,14 @@ def test_a_teacher_with_the_same_encoder_reuses_the_students_prompt_encoding(ser
         assert all(k.get("prompt_embeds") is not None for k in calls)  # given the embeddings, never the prompt
     finally:
         teacher.pipe.encode_prompt = original
+
+
+@pytest.mark.slow
+def test_sdk_and_cli_ask_for_a_size(server, tmp_path):
+    with FewstepClient(server.url) as client:
+        result = client.generate(PROMPT, model="flux-student", width=48, height=16, seed=1)
+    assert Image.open(io.BytesIO(result.images[0].data)).size == (48, 16)
+    out = tmp_path / "x.png"
+    argv = ["generate", PROMPT, "--url", server.url, "--model", "flux-student", "--width", "24", "--height", "40"]
+    assert main([*argv, "-o", str(out)]) == 0
+    assert Image.open(out).size == (24, 40)

@@ -96,3 +96,20 @@ def test_page_sends_the_api_key(browser, models_dir):
         browser.find_element(By.ID, "generate").click()
         WebDriverWait(browser, 60).until(ec.presence_of_element_located((By.CSS_SELECTOR, "#images img")))
         assert browser.find_element(By.ID, "served-by").text == "tiny-student"
+
+
+def test_model_list_and_size_fields_reach_the_server(browser, live):
+    browser.get(live.url + "/")
+    WebDriverWait(browser, 30).until(lambda d: len(Select(d.find_element(By.ID, "model")).options) > 1)
+    models = [o.get_attribute("value") for o in Select(browser.find_element(By.ID, "model")).options]
+    assert models[0] == "" and {"tiny-teacher", "tiny-student"} <= set(models)  # from GET /v1/models
+    Select(browser.find_element(By.ID, "model")).select_by_value("tiny-teacher")
+    browser.find_element(By.ID, "width").send_keys("48")
+    browser.find_element(By.ID, "generate").click()
+    WebDriverWait(browser, 60).until(lambda d: d.find_element(By.ID, "status").text not in ("", "generating…"))
+    status = browser.find_element(By.ID, "status").text
+    assert status.startswith("400: ") and "tiny-teacher" in status and "width must be 32" in status
+    browser.find_element(By.ID, "width").clear()
+    browser.find_element(By.ID, "generate").click()
+    WebDriverWait(browser, 60).until(ec.presence_of_element_located((By.CSS_SELECTOR, "#images img")))
+    assert browser.find_element(By.ID, "served-by").text == "tiny-teacher"
