@@ -131,7 +131,8 @@ class Card(BaseModel):
     # "transformer": an MMDiT alone (a Flux transformer converted from diffusers: models/convert.py)
     role: Literal["teacher", "student", "autoencoder", "classifier", "transformer"]
     model: dict[str, Any]  # the architecture config (models/config.py), validated by the loader of the role
-    parameterization: Literal["velocity", "consistency"] = "velocity"
+    # consistency-lcm / consistency: f = c_skip·x + c_out·(x − t·v), c_out -> 1 or -> σd (models/flow.py)
+    parameterization: Literal["velocity", "consistency-lcm", "consistency"] = "velocity"
     sampling: Sampling | None = None
     files: dict[str, FileEntry]
     training: dict[str, Any] = Field(default_factory=dict)  # method, hyperparameters, duration_s, ...

@@ -45,20 +45,39 @@ def timesteps(steps: int, schedule: str = "uniform", shift: float = 1.0) -> list
     return [float(x) for x in grid]
 
 
-def consistency_coefficients(t: torch.Tensor, sigma_data: float = 0.5, scale: float = 1000.0):
-    """c_skip, c_out of the consistency boundary parameterisation (Song et al. 2023, App. C; LCM):
-    with s = scale·t, c_skip = σd² / (s² + σd²), c_out = σd·s / sqrt(s² + σd²).
-    At t = 0, c_skip = 1 and c_out = 0, so f(x, 0) = x exactly."""
+# How f(x, t) scales the network's x0 estimate (a card's ``parameterization``):
+#   "consistency-lcm": c_out = s / sqrt(s² + σd²) -> 1, as LCM writes it for a network that supplies an x0 estimate
+#                      (Luo et al. 2023): f = x̂0 = the teacher's own estimate at initialisation.
+#   "consistency":     c_out = σd·s / sqrt(s² + σd²) -> σd, EDM's scaling of a *raw* network output (Song et al.
+#                      2023, App. C). Applied to a full-scale x̂0 it starts the student at half scale; kept so that
+#                      students trained with it (zoo/digits-consistency) sample exactly as before.
+CONSISTENCY_FORMS = ("consistency-lcm", "consistency")
+
+
+def consistency_coefficients(
+    t: torch.Tensor, sigma_data: float = 0.5, scale: float = 1000.0, form: str = "consistency-lcm"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """c_skip, c_out of the consistency boundary parameterisation, s = scale·t: c_skip = σd² / (s² + σd²) and
+    c_out as ``form`` says (above). At t = 0, c_skip = 1 and c_out = 0, so f(x, 0) = x exactly."""
+    if form not in CONSISTENCY_FORMS:
+        raise ValueError(f"unknown consistency parameterisation {form!r}; known: {CONSISTENCY_FORMS}")
     s = scale * t
     c_skip = sigma_data**2 / (s**2 + sigma_data**2)
-    c_out = sigma_data * s / torch.sqrt(s**2 + sigma_data**2)
+    c_out = s / torch.sqrt(s**2 + sigma_data**2)
+    if form == "consistency":
+        c_out = sigma_data * c_out
     return c_skip, c_out
 
 
 def consistency_function(
-    x_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor, sigma_data: float = 0.5, scale: float = 1000.0
+    x_t: torch.Tensor,
+    v: torch.Tensor,
+    t: torch.Tensor,
+    sigma_data: float = 0.5,
+    scale: float = 1000.0,
+    form: str = "consistency-lcm",
 ) -> torch.Tensor:
     """f(x, t) = c_skip(t)·x + c_out(t)·x̂0(x, t), with x̂0 = x − t·v from the velocity network."""
-    c_skip, c_out = consistency_coefficients(t, sigma_data, scale)
+    c_skip, c_out = consistency_coefficients(t, sigma_data, scale, form)
     shape = (-1, *([1] * (x_t.dim() - 1)))
     return c_skip.view(shape) * x_t + c_out.view(shape) * x0_from_velocity(x_t, v, t)

@@ -211,9 +211,10 @@ class TextToImage:
 
     def denoiser(self, velocity_fn):
         """The x0 estimate the x0 sampler steps with: x − t·v, or the consistency function f(x, t)."""
-        if self.card is not None and self.card.parameterization == "consistency":
+        form = self.card.parameterization if self.card is not None else "velocity"
+        if form != "velocity":
             s = self.sampling
-            return lambda x, t: consistency_function(x, velocity_fn(x, t), t, s.sigma_data, s.boundary_scale)
+            return lambda x, t: consistency_function(x, velocity_fn(x, t), t, s.sigma_data, s.boundary_scale, form)
         return velocity_denoiser(velocity_fn)
 
     @torch.no_grad()

@@ -2,12 +2,13 @@
 
 import math
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 import torch
 
 from fewstep.models.checkpoint import read_card
-from fewstep.models.flow import consistency_coefficients, consistency_function
+from fewstep.models.flow import CONSISTENCY_FORMS, consistency_coefficients, consistency_function
 from fewstep.models.pipeline import TextToImage
 from fewstep.training.config import LOOP_FIELDS
 from fewstep.training.distill.config import DistillConfig
@@ -22,6 +23,8 @@ from fewstep.training.distill.losses import (
 from fewstep.training.distill.methods import distill
 from fewstep.training.recipe import Context
 from tests.helpers import tiny_distill
+
+ZOO = Path(__file__).resolve().parents[2] / "zoo"
 
 
 @pytest.mark.parametrize(
@@ -70,11 +73,34 @@ def test_a_progressive_round_halves_the_step_count(tiny_teacher, tmp_path):
 
 def test_consistency_function_is_the_identity_at_the_boundary():
     x, v = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
-    out = consistency_function(x, v, torch.zeros(3))
-    assert torch.equal(out, x)
-    c_skip, c_out = consistency_coefficients(torch.tensor([0.0, 0.5]), sigma_data=0.5, scale=1000.0)
-    assert c_skip.tolist()[0] == 1.0 and c_out.tolist()[0] == 0.0
-    assert float(c_out[1]) == pytest.approx(0.5 * 500 / math.sqrt(500**2 + 0.25))
+    for form in CONSISTENCY_FORMS:
+        assert torch.equal(consistency_function(x, v, torch.zeros(3), form=form), x)
+        c_skip, c_out = consistency_coefficients(torch.tensor([0.0]), form=form)
+        assert (c_skip.item(), c_out.item()) == (1.0, 0.0)
+
+
+def test_consistency_student_starts_as_the_teachers_x0_estimate():
+    """LCM's c_out -> 1: away from t = 0, f(x, t) is the network's own x0 estimate x − t·v, so a student
+    initialised from the teacher starts where the teacher is (Luo et al. 2023). EDM's raw-output c_out -> σd
+    would start it at half scale."""
+    x, v = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)
+    t = torch.tensor([1 / 32, 0.25, 0.5, 1.0])
+    x0_hat = x - t.view(-1, 1, 1, 1) * v
+    f = consistency_function(x, v, t, sigma_data=0.5, scale=1000.0)
+    assert (f - x0_hat).abs().max() < 1e-3 * x0_hat.abs().max()
+    c_skip, c_out = consistency_coefficients(torch.tensor([0.5]))
+    assert float(c_out) == pytest.approx(500 / math.sqrt(500**2 + 0.25))
+    assert float(c_skip) == pytest.approx(0.25 / (500**2 + 0.25))
+
+
+def test_students_saved_with_the_edm_scaling_sample_exactly_as_before():
+    """zoo/digits-consistency's card names the old form: its c_out stays σd·s / sqrt(s² + σd²)."""
+    card = read_card(ZOO / "digits-consistency")
+    assert card.parameterization == "consistency"
+    _, c_out = consistency_coefficients(torch.tensor([0.5]), form=card.parameterization)
+    assert float(c_out) == pytest.approx(0.5 * 500 / math.sqrt(500**2 + 0.25))
+    with pytest.raises(ValueError, match="unknown consistency parameterisation"):
+        consistency_coefficients(torch.tensor([0.5]), form="edm")
 
 
 def test_pseudo_huber_by_hand():
@@ -121,11 +147,14 @@ def test_reflow_loss_on_a_fixed_input(tiny_teacher):
     assert float(loss.detach()) == pytest.approx(float((z - x).pow(2).mean()), rel=1e-6)
 
 
-def test_consistency_loss_on_a_fixed_input(tiny_teacher):
+@pytest.mark.parametrize("form", CONSISTENCY_FORMS)
+def test_consistency_loss_on_a_fixed_input(tiny_teacher, form):
     from fewstep.training.distill.consistency import ConsistencyRecipe
     from fewstep.training.distill.losses import default_huber_c
 
-    cfg = tiny_distill("unused", tiny_teacher, method="consistency", sets=["consistency.target_ema=0"])
+    # boundary_scale 1: c_skip + c_out differs visibly between t and s (at 1000 both are ~1 in the LCM form)
+    sets = ["consistency.target_ema=0", "consistency.boundary_scale=1", f"consistency.parameterization={form}"]
+    cfg = tiny_distill("unused", tiny_teacher, method="consistency", sets=sets)
     teacher = TextToImage.load(tiny_teacher)
     for net in (teacher.transformer,):
         with torch.no_grad():  # zero velocity: the teacher step keeps x, f = (c_skip + c_out)·x
@@ -145,7 +174,8 @@ def test_consistency_loss_on_a_fixed_input(tiny_teacher):
     }
     loss, _ = recipe.train_step(batch)
     x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * noise
-    ct, ot = consistency_coefficients(t)
-    cs, os_ = consistency_coefficients(s)
+    ct, ot = consistency_coefficients(t, scale=1.0, form=form)
+    cs, os_ = consistency_coefficients(s, scale=1.0, form=form)
+    assert ((ct + ot) - (cs + os_)).abs().min() > 0.01
     diff = ((ct + ot) - (cs + os_)).view(-1, 1, 1, 1) * x_t
     assert float(loss.detach()) == pytest.approx(float(pseudo_huber(diff, default_huber_c(256))), rel=1e-5)

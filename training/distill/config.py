@@ -34,6 +34,9 @@ class ConsistencySettings:
     huber_c: float | None = None  # pseudo-Huber c; None: 0.00054·sqrt(dim) (Song & Dhariwal 2023)
     sigma_data: float = 0.5  # boundary parameterisation c_skip / c_out (CM appendix C)
     boundary_scale: float = 1000.0  # t is scaled to [0, 1000] in c_skip / c_out, as LCM does
+    # c_out -> 1 (LCM, for an x0-estimate network); "consistency" is the EDM raw-output scaling (c_out -> σd) that
+    # trained zoo/digits-consistency, kept to reproduce it
+    parameterization: str = "consistency-lcm"
     guidance_min: float = 1.0  # LCM samples w ~ U[min, max] and feeds it to the student as an embedding
     guidance_max: float = 5.0
     student_steps: tuple[int, ...] = (1, 2, 4)  # the step counts the student is exported for

@@ -2,7 +2,8 @@
 
 One step: x_t from data at grid time t_i; one teacher Euler step with CFG scale w to t_{i−1}; the target is
 the EMA target network's f(x_{t_{i−1}}, t_{i−1}, w); the student's f(x_t, t, w) regresses it under a
-pseudo-Huber loss. f(x, t) = c_skip(t)·x + c_out(t)·(x − t·v) satisfies f(x, 0) = x by construction.
+pseudo-Huber loss. f(x, t) = c_skip(t)·x + c_out(t)·(x − t·v) satisfies f(x, 0) = x by construction, and with
+LCM's c_out (→ 1 away from t = 0) it equals the teacher's x0 estimate at initialisation (models/flow.py).
 The student takes w as an input embedding (LCM): one pass per step at any w, no CFG doubling at serving.
 Sampling: multistep consistency sampling at 1, 2 and 4 steps.
 """
@@ -17,7 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from fewstep.models.flow import consistency_function, interpolate
+from fewstep.errors import UsageError
+from fewstep.models.flow import CONSISTENCY_FORMS, consistency_function, interpolate
 from fewstep.models.pipeline import TextToImage
 from fewstep.training.distill.common import (
     DataSource,
@@ -38,6 +40,10 @@ class ConsistencyRecipe(DistillRecipe):
     def __init__(self, cfg: DistillConfig, teacher: TextToImage):
         super().__init__(cfg, teacher)
         self.s = cfg.consistency
+        if self.s.parameterization not in CONSISTENCY_FORMS:
+            raise UsageError(
+                f"consistency.parameterization must be one of {CONSISTENCY_FORMS}, not {self.s.parameterization!r}"
+            )
         self.source = DataSource(cfg, teacher)
         self.module = build_student(teacher, guidance_embed=True)
         self.huber_c = self.s.huber_c or default_huber_c(math.prod(teacher.latent_shape))
@@ -60,7 +66,7 @@ class ConsistencyRecipe(DistillRecipe):
 
     def f(self, net: nn.Module, x: torch.Tensor, t: torch.Tensor, cond, w: torch.Tensor) -> torch.Tensor:
         v = velocity(net, x, t, cond, guidance=w)
-        return consistency_function(x, v, t, self.s.sigma_data, self.s.boundary_scale)
+        return consistency_function(x, v, t, self.s.sigma_data, self.s.boundary_scale, self.s.parameterization)
 
     def train_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
         x0, noise, t, s, w, cond = (batch[k] for k in ("x0", "noise", "t", "s", "w", "cond"))
@@ -82,7 +88,7 @@ class ConsistencyRecipe(DistillRecipe):
             info,
             list(self.s.student_steps),
             sampler="x0",
-            parameterization="consistency",
+            parameterization=self.s.parameterization,
             guidance=teacher_guidance(self.cfg, self.teacher),
             extra={"huber_c": self.huber_c},
             consistency=(self.s.sigma_data, self.s.boundary_scale),
