@@ -48,9 +48,20 @@ class FluxMMDiT(nn.Module):
         return_dict: bool = True,
         **_: object,  # joint_attention_kwargs and ControlNet residuals: not supported, ignored as unset
     ):
+        if hidden_states.dtype != torch.float32:
+            # FluxTransformer2DModel multiplies t and the guidance scale by 1000 in its own dtype (bf16: 0.75 -> 752,
+            # 3.5 -> 3504) before the sinusoid; fewstep embeds in fp32. Round as it does, so that a bf16 image is
+            # FluxPipeline's image (benchmarks/flux.py measured the difference otherwise: ~1× the output's std).
+            timestep = _as_diffusers_rounds(timestep, hidden_states.dtype)
+            guidance = None if guidance is None else _as_diffusers_rounds(guidance, hidden_states.dtype)
         last = img_ids[-1].tolist()  # the bottom-right patch: (0, h - 1, w - 1)
         grid = (int(last[1]) + 1, int(last[2]) + 1)
         out = self.mmdit.forward_tokens(
             hidden_states, grid, timestep, encoder_hidden_states, None, pooled_projections, guidance
         )
         return SimpleNamespace(sample=out) if return_dict else (out,)
+
+
+def _as_diffusers_rounds(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x such that 1000·x in fp32 is (x in ``dtype``)·1000 in ``dtype``: what diffusers' Flux embeds."""
+    return (x.to(dtype) * 1000).float() / 1000

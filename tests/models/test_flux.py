@@ -214,3 +214,19 @@ def test_convert_never_overwrites_and_names_bad_folders(tmp_path, tiny_teacher, 
     assert "already exists" in capsys.readouterr().err and (out / "mine.txt").read_text() == "keep"
     assert main(["convert", "--from-diffusers", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_in_bf16_the_adapter_embeds_t_and_guidance_as_diffusers_rounds_them():
+    """FluxTransformer2DModel computes 1000·t and 1000·w in bf16 (0.75 -> 752, 3.5 -> 3504): the adapter that
+    serves FluxPipeline does the same, so a bf16 image is FluxPipeline's (fp32 embedding differs by ~1× std)."""
+    from fewstep.models.flux_adapter import FluxMMDiT
+
+    theirs = tiny_flux(True).to(torch.bfloat16)
+    mine = FluxMMDiT(as_fewstep(tiny_flux(True)).to(torch.bfloat16))
+    x = inputs(True, batch=1)
+    kw = dict(hidden_states=x["packed"].bfloat16(), encoder_hidden_states=x["txt"].bfloat16(),
+              pooled_projections=x["pooled"].bfloat16(), timestep=torch.tensor([0.75]), img_ids=x["img_ids"],
+              txt_ids=x["txt_ids"], guidance=torch.tensor([3.5]), return_dict=False)  # fmt: skip
+    with torch.no_grad():
+        ref, out = theirs(**kw)[0].float(), mine(**kw)[0].float()
+    assert (out - ref).abs().max() < 0.1 * ref.std()
