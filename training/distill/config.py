@@ -23,6 +23,9 @@ class ProgressiveSettings:
     """Salimans & Ho 2022: halve the step count each round, from start_steps down to 1."""
 
     start_steps: int = 32
+    # optimizer steps per round; None: max_steps split evenly. Later rounds are no easier than the first (each
+    # student must match two steps of a teacher that is itself a student): give every round the same budget
+    round_steps: int | None = None
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,7 @@ class LADDSettings:
     disc_lr: float | None = None  # None: the loop's lr
     renoise_mean: float = 1.0  # logit-normal re-noising biased to high noise (LADD §3)
     renoise_std: float = 1.0
+    one_step_fraction: float = 0.5  # share of student inputs at t = 1; the rest at the other grid times
     student_steps: tuple[int, ...] = (1, 2, 4)
 
 

@@ -2,7 +2,9 @@
 
 generator G (from the teacher) -> x;  noise x to t ∈ [t_min, t_max];
 real score: the frozen teacher with CFG;  fake score: a trainable copy of the teacher that keeps fitting
-G's current outputs (flow-matching loss on detached samples), ``fake_updates`` times per generator update;
+G's current outputs (flow-matching loss), ``fake_updates`` times per generator update, each on a fresh batch of
+G's samples, at the noise levels it is queried at; G is then judged on a batch the fake score has not seen
+(the order of the reference implementation, tianweiy/DMD2);
 G follows dmd_gradient (real − fake direction), plus a small non-saturating GAN loss from a classifier head
 on the fake score's features, trained on real data against G's samples.
 generator_steps = 4 trains a 4-step generator with backward simulation: its own earlier steps, not data,
@@ -20,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fewstep.errors import UsageError
-from fewstep.models.flow import interpolate, logit_normal_t, timesteps, x0_from_velocity
+from fewstep.models.flow import interpolate, timesteps, x0_from_velocity
 from fewstep.models.pipeline import TextToImage
 from fewstep.training.distill.common import (
     DataSource,
@@ -71,26 +73,36 @@ class DMD2Recipe(DistillRecipe):
         self.fake = ctx.auxiliary("fake_score", fake, lr=self.s.fake_lr or self.cfg.lr, export=True)
 
     def make_batch(self, generator: torch.Generator) -> dict[str, Any]:
-        b, shape, k = self.cfg.batch_size, self.teacher.latent_shape, self.s.fake_updates
+        b, shape, k, n = self.cfg.batch_size, self.teacher.latent_shape, self.s.fake_updates, len(self.grid)
         batch = self.source.draw(b, generator)  # real images for the GAN head
-        # every tensor has the batch first, so DDP ranks shard the batch (loop.shard), not the update index
-        lo, hi = self.s.t_min, self.s.t_max
+        # every tensor has the batch first, so DDP ranks shard the batch (loop.shard), not the update index.
+        # Each fake update gets its own generator batch (fake_z, fake_sim): the fake score never fits the samples
+        # the generator is then judged on (the DMD2 reference generates afresh for every update). Every noise
+        # level is U[t_min, t_max]: the fake score is trained where the distribution-matching gradient asks it.
+
+        def unif(*size: int) -> torch.Tensor:
+            return self.s.t_min + (self.s.t_max - self.s.t_min) * torch.rand(*size, generator=generator)
+
         batch.update(
             z=torch.randn(b, *shape, generator=generator),
-            sim_noise=torch.randn(len(self.grid), b, *shape, generator=generator).transpose(0, 1),
+            sim_noise=torch.randn(n, b, *shape, generator=generator).transpose(0, 1),
             k=torch.randint(0, self.s.generator_steps, (1,), generator=generator).expand(b).clone(),
-            fake_t=logit_normal_t(k * b, generator).view(k, b).T,
+            fake_z=torch.randn(k, b, *shape, generator=generator).transpose(0, 1),
+            fake_sim=torch.randn(k, n, b, *shape, generator=generator).permute(2, 0, 1, *range(3, 3 + len(shape))),
+            fake_k=torch.randint(0, self.s.generator_steps, (k,), generator=generator).expand(b, k).clone(),
+            fake_t=unif(b, k),
             fake_eps=torch.randn(k, b, *shape, generator=generator).transpose(0, 1),
             real_eps=torch.randn(k, b, *shape, generator=generator).transpose(0, 1),
-            dm_t=lo + (hi - lo) * torch.rand(b, generator=generator),
+            dm_t=unif(b),
             dm_eps=torch.randn(b, *shape, generator=generator),
-            gan_t=logit_normal_t(b, generator),
+            gan_t=unif(b),
             gan_eps=torch.randn(b, *shape, generator=generator),
         )
         return batch
 
-    def generate(self, z: torch.Tensor, cond, k: int, sim_noise: torch.Tensor) -> torch.Tensor:
-        """Backward simulation: run the generator's own first k steps without gradients, then step k with."""
+    def generate(self, z: torch.Tensor, cond, k: int, sim_noise: torch.Tensor, grad: bool = True) -> torch.Tensor:
+        """Backward simulation: run the generator's own first k steps without gradients, then step k (with
+        gradients when ``grad``)."""
         ones = torch.ones(len(z), device=z.device)
         x = z
         with torch.no_grad():
@@ -98,14 +110,18 @@ class DMD2Recipe(DistillRecipe):
                 x0 = x0_from_velocity(x, velocity(self.module, x, ones * self.grid[j], cond), ones * self.grid[j])
                 x = interpolate(x0, sim_noise[:, j], ones * self.grid[j + 1])
         t = ones * self.grid[k]
-        return x0_from_velocity(x, velocity(self.ctx.module, x, t, cond), t)
+        with torch.set_grad_enabled(grad):
+            return x0_from_velocity(x, velocity(self.ctx.module if grad else self.module, x, t, cond), t)
 
     def train_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The two-speed loop in the reference's order: the loop applied the previous generator update; now the
+        fake score takes ``fake_updates`` steps, each on a fresh batch of the current generator's samples; then
+        the generator is judged on a batch of its own that the fake score has not seen."""
         cond, x_real = batch["cond"], batch["x0"]
-        x_gen = self.generate(batch["z"], cond, int(batch["k"][0]), batch["sim_noise"])
-        fake_logs = self._update_fake(x_gen.detach(), x_real, cond, batch)
+        fake_logs = self._update_fake(x_real, cond, batch)
 
-        # generator: distribution matching + GAN
+        # generator: distribution matching + GAN, on samples the fake score has never fitted
+        x_gen = self.generate(batch["z"], cond, int(batch["k"][0]), batch["sim_noise"])
         t, eps = batch["dm_t"], batch["dm_eps"]
         x_t = interpolate(x_gen, eps, t)
         with torch.no_grad():
@@ -119,8 +135,11 @@ class DMD2Recipe(DistillRecipe):
         loss = loss_dm + self.s.gan_weight * loss_gan
         return loss, {"loss_dm": loss_dm.detach(), "loss_gan_g": loss_gan.detach(), **fake_logs}
 
-    def _update_fake(self, x_gen: torch.Tensor, x_real: torch.Tensor, cond, batch: dict[str, Any]) -> dict[str, Any]:
+    def _update_fake(self, x_real: torch.Tensor, cond, batch: dict[str, Any]) -> dict[str, Any]:
         for i in range(self.s.fake_updates):
+            x_gen = self.generate(
+                batch["fake_z"][:, i], cond, int(batch["fake_k"][0, i]), batch["fake_sim"][:, i], False
+            )
             t, eps = batch["fake_t"][:, i], batch["fake_eps"][:, i]
             v, logits_fake = self.fake(interpolate(x_gen, eps, t), t, cond, True)
             loss_fm = F.mse_loss(v.float(), (eps - x_gen).float())

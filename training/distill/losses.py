@@ -39,11 +39,20 @@ def dmd_loss(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
 
 
 def hinge_discriminator(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
-    return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
+    """Hinge on every logit. Logits (B, heads, tokens): each head's per-token hinges averaged over the batch and
+    tokens, summed over heads (ADD eq. 3, StyleGAN-T): no head clears its margin on a sum or a token mean."""
+    return _per_head(F.relu(1 - real_logits)) + _per_head(F.relu(1 + fake_logits))
 
 
 def hinge_generator(fake_logits: torch.Tensor) -> torch.Tensor:
-    return -fake_logits.mean()
+    return -_per_head(fake_logits)
+
+
+def _per_head(values: torch.Tensor) -> torch.Tensor:
+    """(B,) -> mean; (B, heads, tokens) -> mean over batch and tokens, summed over heads."""
+    if values.dim() == 1:
+        return values.mean()
+    return values.mean(dim=(0, 2)).sum()
 
 
 def gan_discriminator(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:

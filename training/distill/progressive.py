@@ -98,7 +98,7 @@ def run_progressive(cfg: DistillConfig, out: Path, teacher: TextToImage) -> list
     if n < 2 or n & (n - 1):
         raise UsageError(f"progressive.start_steps must be a power of two >= 2, got {n}")
     rounds = n.bit_length() - 1
-    per_round = max(1, cfg.max_steps // rounds)
+    per_round = cfg.progressive.round_steps or max(1, cfg.max_steps // rounds)
     round_teacher, guidance, exported = teacher.transformer, teacher_guidance(cfg, teacher), []
     while n > 1:
         round_cfg = replace(cfg, max_steps=per_round, name=f"{cfg.name}-{n // 2}step")
@@ -106,6 +106,7 @@ def run_progressive(cfg: DistillConfig, out: Path, teacher: TextToImage) -> list
         round_dir = out / f"round-{n}to{n // 2}"
         train(round_cfg, recipe, out_dir=round_dir)
         exported.append(round_dir / "export")
-        round_teacher = TextToImage.load(round_dir / "export").transformer  # the EMA student teaches next
+        # the EMA student teaches next; loaded on the CPU, moved to the run's device by ProgressiveRound.setup
+        round_teacher = TextToImage.load(round_dir / "export").transformer
         guidance, n = 1.0, n // 2  # CFG is distilled into the first student
     return exported
