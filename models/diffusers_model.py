@@ -48,6 +48,9 @@ class PipelineSpec(BaseModel):
     default_steps: int = Field(ge=1)
     max_steps: int = Field(default=50, ge=1)  # a teacher runs 1..max_steps
     guidance: float = Field(default=0.0, ge=0)  # the default guidance scale (FLUX.1-dev 3.5; schnell, Turbo 0)
+    # a student that takes the scale as an input; false (guidance distilled in): a request for another scale is a
+    # 400 rather than guidance applied twice. Teachers always take one.
+    guidance_input: bool = False
     width: int = Field(default=1024, ge=1)  # the default size
     height: int = Field(default=1024, ge=1)
     min_side: int = Field(default=256, ge=1)

@@ -208,6 +208,8 @@ class Engine:
                 teacher=m.teacher,
                 fd=m.fd,
                 error=m.error,
+                guidance_input=m.guidance_input,
+                default_guidance=m.default_guidance,
             )
         return Snapshot(views, self.registry.default or "", self.settings.max_teacher_steps)
 
@@ -216,9 +218,11 @@ class Engine:
         alive = self._task is not None and not self._task.done()
         return readiness(self.snapshot(), self.warmed_up, self.draining, alive)
 
-    def route(self, model: str | None, steps: int | None, want_teacher: bool = False) -> Decision:
+    def route(
+        self, model: str | None, steps: int | None, want_teacher: bool = False, guidance: float | None = None
+    ) -> Decision:
         """Raises routing.RouteError when no model can take the request."""
-        return route(self.snapshot(), model, steps, want_teacher)
+        return route(self.snapshot(), model, steps, want_teacher, guidance)
 
     # ---- admission ---------------------------------------------------------------------------------------
     def estimate_s(self, model: str, images: int, steps: int, size: tuple[int, int] | None = None) -> float:

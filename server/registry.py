@@ -62,6 +62,22 @@ class ServedModel:
         return self.card.sampling.max_steps if self.card and self.card.sampling else 0
 
     @property
+    def default_guidance(self) -> float:
+        if self.spec is not None:
+            return self.spec.guidance
+        return self.card.sampling.guidance if self.card and self.card.sampling else 1.0
+
+    @property
+    def guidance_input(self) -> bool:
+        """Whether a request may set guidance: teachers, and students that take the scale as an input (a
+        guidance embedding); a student with CFG distilled in would apply it twice (docs/api.md)."""
+        if self.role == "teacher":
+            return True
+        if self.spec is not None:
+            return self.spec.guidance_input
+        return bool(self.card and self.card.model.get("transformer", {}).get("guidance_embed"))
+
+    @property
     def fd(self) -> dict[int, float]:
         """Measured Fréchet distance per step count (fewstep eval), for choosing among students."""
         evaluation = self.card.evaluation if self.card else None

@@ -31,6 +31,10 @@ class ModelView:
     teacher: str | None = None  # the teacher a student falls back to
     fd: dict[int, float] = field(default_factory=dict)  # measured Fréchet distance per step count
     error: str | None = None
+    # a student whose CFG was distilled in samples at default_guidance and takes no guidance input: another
+    # scale would apply guidance twice. Teachers and guidance-embedded students take one.
+    guidance_input: bool = True
+    default_guidance: float = 1.0
 
     @property
     def healthy(self) -> bool:
@@ -68,8 +72,24 @@ def best_student(snap: Snapshot, steps: int) -> ModelView | None:
     return min(fit, key=lambda m: (m.fd.get(steps, float("inf")), m.name)) if fit else None
 
 
-def route(snap: Snapshot, model: str | None, steps: int | None, want_teacher: bool = False) -> Decision:
+def route(
+    snap: Snapshot, model: str | None, steps: int | None, want_teacher: bool = False, guidance: float | None = None
+) -> Decision:
     """-> who serves, at how many steps, and why not the student (``FALLBACK_REASONS``)."""
+    decision = _route(snap, model, steps, want_teacher)
+    serving = snap.models[decision.model]
+    if guidance is not None and not serving.guidance_input and guidance != serving.default_guidance:
+        raise RouteError(
+            400,
+            f"{serving.name} has guidance {serving.default_guidance:g} distilled in and takes no guidance input "
+            "(another scale would apply guidance twice): leave guidance out, or ask for the teacher",
+            "invalid_value",
+            "guidance",
+        )
+    return decision
+
+
+def _route(snap: Snapshot, model: str | None, steps: int | None, want_teacher: bool) -> Decision:
     name = model or snap.default
     entry = snap.models.get(name)
     if entry is None:

@@ -140,7 +140,7 @@ class ImageService:
         try:
             self._check(prompt, n)
             try:
-                decision = self.engine.route(model, steps, want_teacher)
+                decision = self.engine.route(model, steps, want_teacher, guidance)
             except RouteError as e:
                 headers = {"Retry-After": str(self.settings.retry_after_s)} if e.status == 503 else None
                 type_ = "server_error" if e.status >= 500 else "invalid_request_error"
@@ -267,6 +267,7 @@ class ImageService:
                 "default_steps": m.default_steps,
                 "max_steps": min(self.settings.max_teacher_steps, m.max_steps) if m.role == "teacher" else None,
                 "teacher": m.teacher, "native_size": sizes.native if sizes else None,
+                "guidance": {"default": m.default_guidance, "input": m.guidance_input},
                 "sizes": sizes.describe() if sizes else None,
                 "shared_components": getattr(m.model, "shared", {}),
                 "ready": m.ready, "error": m.error, "default": m.name == self.registry.default,

@@ -157,3 +157,17 @@ async def test_readyz_is_503_until_warm_up_ends(models_dir):
                 assert time.monotonic() < deadline, "never warmed up"
                 await asyncio.sleep(0.01)
             assert r.status_code == 200 and engine.warmed_up
+
+
+@pytest.mark.anyio
+async def test_guidance_for_a_student_with_cfg_distilled_in_is_refused(api):
+    r = await api.post("/v1/generate", json={"prompt": "a red 7 on black", "model": "tiny-student", "guidance": 3.0})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "guidance"
+    r = await api.post("/v1/generate", json={"prompt": "a red 7 on black", "model": "tiny-student", "guidance": 1.0})
+    assert r.status_code == 200 and r.json()["served_by"] == "tiny-student"
+    body = {"prompt": "a red 7 on black", "model": "tiny-student", "guidance": 3.0, "quality": "teacher"}
+    r = await api.post("/v1/generate", json=body)
+    assert r.status_code == 200 and r.json()["served_by"] == "tiny-teacher"
+    listing = {m["id"]: m for m in (await api.get("/v1/models")).json()["data"]}
+    assert listing["tiny-student"]["guidance"] == {"default": 1.0, "input": False}
+    assert listing["tiny-teacher"]["guidance"]["input"] is True

@@ -103,3 +103,30 @@ def test_a_count_beyond_the_teacher_is_a_400_not_a_model_error():
     assert (e.value.status, e.value.param) == (400, "steps")
     with pytest.raises(RouteError):
         route(short, "fast", 60)  # the fallback would hand the teacher 60 steps
+
+
+DISTILLED = ModelView("distilled", "student", serves=(1, 2), teacher="teacher", guidance_input=False,
+                      default_guidance=1.0)  # fmt: skip
+EMBEDDED = ModelView("embedded", "student", serves=(1,), teacher="teacher", guidance_input=True, default_guidance=3.0)
+GUIDED = snap(T, DISTILLED, EMBEDDED, default="distilled")
+
+
+@pytest.mark.parametrize(
+    ("model", "steps", "teacher", "guidance", "expect"),
+    [
+        (None, 1, False, None, Decision("distilled", 1)),  # no guidance asked: the student's own
+        (None, 1, False, 1.0, Decision("distilled", 1)),  # the scale it was distilled at: nothing applied twice
+        ("embedded", 1, False, 5.0, Decision("embedded", 1)),  # an input: any scale
+        (None, 1, True, 5.0, Decision("teacher", 40, "teacher_requested")),  # the teacher takes any scale
+        (None, 8, False, 5.0, Decision("teacher", 8, "steps_unsupported")),  # falls back: the teacher runs it
+    ],
+)
+def test_guidance_goes_where_it_is_applied_once(model, steps, teacher, guidance, expect):
+    assert route(GUIDED, model, steps, teacher, guidance) == expect
+
+
+def test_guidance_for_a_student_with_cfg_distilled_in_is_a_400_naming_the_field():
+    with pytest.raises(RouteError) as info:
+        route(GUIDED, None, 2, False, 3.0)
+    assert (info.value.status, info.value.param) == (400, "guidance")
+    assert "distilled in" in str(info.value) and "twice" in str(info.value)
