@@ -173,7 +173,17 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     _model_arg(p)
     p.add_argument("--steps", help="comma-separated step counts, e.g. 1,2,4,50 (default: the model's default)")
     p.add_argument("--n", type=int, default=1000, help="images per step count")
-    p.add_argument("--guidance", type=float, help="CFG scale (default: the model's)")
+    p.add_argument(
+        "--guidance",
+        help="CFG scale (default: the model's); several, comma-separated (1.5,2,3), sweep them: with --write-card "
+        "the best FD among scales whose accuracies reach --guidance-min-accuracy becomes the model's default",
+    )
+    p.add_argument(
+        "--guidance-min-accuracy",
+        type=float,
+        default=0.99,
+        help="with a guidance sweep: the digit and color accuracy a scale must reach (default %(default)s)",
+    )
     _model_arg(p, "--classifier", "digits-classifier")
     p.add_argument("--out", help="directory for eval.json, eval.md and sample grids (default: runs/eval/NAME)")
     p.add_argument("--data", default="digits", help="digits, or synthetic for smoke tests")
@@ -198,16 +208,23 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 def _eval(args: argparse.Namespace) -> int:
     from fewstep.paths import resolve_model
     from fewstep.training.classifier import load_classifier
-    from fewstep.training.evaluate import evaluate, record_in_card, write_results
+    from fewstep.training.evaluate import choose_guidance, evaluate, record_in_card, sweep_table, write_results
 
     if args.n < 2:
         raise UsageError("--n must be at least 2 (a Fréchet distance needs a covariance)")
-    if not 0 <= args.min_accuracy <= 1:
-        raise UsageError("--min-accuracy must be within [0, 1]")
+    for flag in ("min_accuracy", "guidance_min_accuracy"):
+        if not 0 <= getattr(args, flag) <= 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be within [0, 1]")
     try:
         steps = [int(s) for s in args.steps.split(",")] if args.steps else None
     except ValueError:
         raise UsageError(f"--steps must be comma-separated integers, got {args.steps!r}") from None
+    try:
+        scales = [float(g) for g in args.guidance.split(",")] if args.guidance else [None]
+    except ValueError:
+        raise UsageError(f"--guidance must be comma-separated numbers, got {args.guidance!r}") from None
+    if any(g is not None and not 0 <= g <= 50 for g in scales):
+        raise UsageError("--guidance must be within [0, 50]")
     model_dir = resolve_model(args.model, "digits-teacher")
     judge = resolve_model(args.classifier, "digits-classifier")
     model = _load(args, model_dir)
@@ -215,17 +232,35 @@ def _eval(args: argparse.Namespace) -> int:
     for s in steps:
         if not model.supports(s):
             raise UsageError(f"{model.name} supports steps {model.steps_text()}, not {s}")
+    if len(scales) > 1 and model.card.role == "student" and not model.transformer.cfg.guidance_embed:
+        raise UsageError(f"{model.name} has its guidance distilled in: there is no scale to sweep")
     classifier = load_classifier(judge)
-    results = evaluate(model, classifier, steps, n=args.n, guidance=args.guidance, data=args.data)
     out = Path(args.out or Path("runs") / "eval" / model.name)
-    j, m = write_results(results, out, model, args.guidance)
-    print(m.read_text())
-    print(f"wrote {j}, {m} and sample grids to {out}")
+    sweep = []
+    for g in scales:
+        results = evaluate(model, classifier, steps, n=args.n, guidance=g, data=args.data)
+        where = out if len(scales) == 1 else out / f"guidance-{results['guidance']:g}"
+        j, m = write_results(results, where, model, g)
+        print(m.read_text())
+        print(f"wrote {j}, {m} and sample grids to {where}")
+        sweep.append(results)
+    chosen = choose_guidance(sweep, args.guidance_min_accuracy) if len(sweep) > 1 else sweep[0]
+    if len(sweep) > 1:
+        table = sweep_table(sweep, chosen)
+        (out / "guidance.md").write_text(f"# Guidance sweep of {model.name}\n\n{table}")
+        print(table + f"chosen: guidance {chosen['guidance']:g} (lowest FD at ≥ {args.guidance_min_accuracy:.0%} "
+              f"digit and color accuracy); wrote {out / 'guidance.md'}")  # fmt: skip
     if args.write_card:
         command = "fewstep " + " ".join(sys.argv[1:])
-        card = record_in_card(model_dir, results, model, judge, args.min_accuracy, command=command)
+        card = record_in_card(
+            model_dir, chosen, model, judge, args.min_accuracy, command=command,
+            sweep=sweep if len(sweep) > 1 else None, guidance_min_accuracy=args.guidance_min_accuracy,
+        )  # fmt: skip
         served = card.serves_steps()
-        print(f"recorded in {model.name}'s card" + (f"; it serves steps {served}" if card.role == "student" else ""))
+        print(
+            f"recorded in {model.name}'s card (default guidance {card.sampling.guidance:g})"
+            + (f"; it serves steps {served}" if card.role == "student" else "")
+        )
     return 0
 
 

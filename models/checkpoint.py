@@ -105,6 +105,18 @@ class EvalRow(BaseModel):
     ms_per_image: float = Field(ge=0)
 
 
+class GuidanceRow(BaseModel):
+    """One guidance scale of a sweep (``fewstep eval --guidance 1.5,2,3``), at the first evaluated step count."""
+
+    model_config = ConfigDict(extra="forbid")
+    guidance: float = Field(ge=0)
+    steps: int = Field(ge=1)
+    digit_accuracy: float = Field(ge=0, le=1)
+    fg_accuracy: float = Field(ge=0, le=1)
+    bg_accuracy: float = Field(ge=0, le=1)
+    fd: float = Field(ge=0)
+
+
 class Evaluation(BaseModel):
     """What ``fewstep eval --write-card`` measured; routing reads it (never hand-written)."""
 
@@ -120,6 +132,9 @@ class Evaluation(BaseModel):
     # a student serves the step counts whose digit and color accuracies all reach min_accuracy; None: a teacher
     min_accuracy: float | None = Field(default=None, ge=0, le=1)
     serves_steps: list[int] | None = None
+    # a guidance sweep: every scale measured, and the accuracy the chosen one (sampling.guidance) had to reach
+    guidance_sweep: list[GuidanceRow] | None = None
+    guidance_min_accuracy: float | None = Field(default=None, ge=0, le=1)
     command: str
     created: str = Field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
 

@@ -203,3 +203,40 @@ def test_eval_write_card_records_the_evaluation_and_the_served_steps(tiny_teache
     assert (student / "transformer.safetensors").read_bytes() == weights
     r = fewstep(*base, "--steps", "1", "--write-card", "--min-accuracy", 2, check=False)
     assert r.returncode == 2 and "--min-accuracy" in r.stderr
+
+
+def test_choose_guidance_by_hand():
+    from fewstep.training.evaluate import choose_guidance
+
+    def res(g, acc, fd):
+        return {"guidance": g, "rows": [{"digit_accuracy": acc, "fg_accuracy": 1.0, "bg_accuracy": 1.0, "fd": fd}]}
+
+    sweep = [res(1.5, 0.986, 18.0), res(2.0, 0.998, 23.8), res(3.0, 1.0, 39.2)]  # the teacher's measured shape
+    assert choose_guidance(sweep, 0.99)["guidance"] == 2.0  # the lowest FD among the accurate enough
+    assert choose_guidance(sweep, 0.98)["guidance"] == 1.5
+    assert choose_guidance(sweep, 1.01)["guidance"] == 3.0  # none passes: the most accurate
+
+
+def test_eval_guidance_sweep_writes_the_chosen_default_into_the_card(tiny_teacher, tiny_classifier, tmp_path):
+    import shutil
+
+    from fewstep.models.checkpoint import read_card
+    from fewstep.training.evaluate import choose_guidance
+    from tests.serving import build_models_dir
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_teacher, teacher)
+    base = ["eval", "--classifier", tiny_classifier, "--n", 20, "--data", "synthetic", "--steps", "2"]
+    fewstep(*base, "--model", teacher, "--guidance", "1,2.5", "--out", tmp_path / "e", "--write-card",
+            "--guidance-min-accuracy", 0)  # fmt: skip
+    card = read_card(teacher)
+    sweep = card.evaluation.guidance_sweep
+    assert [r.guidance for r in sweep] == [1.0, 2.5] and card.evaluation.guidance_min_accuracy == 0
+    rows = [{"guidance": r.guidance, "rows": [r.model_dump()]} for r in sweep]
+    assert card.sampling.guidance == card.evaluation.guidance == choose_guidance(rows, 0)["guidance"]
+    assert (tmp_path / "e" / "guidance.md").is_file() and (tmp_path / "e" / "guidance-2.5" / "eval.json").is_file()
+    student = build_models_dir(tmp_path / "models", tiny_teacher) / "tiny-student"
+    r = fewstep(*base, "--model", student, "--guidance", "1,2", check=False)
+    assert r.returncode == 2 and "distilled in" in r.stderr
+    r = fewstep(*base, "--model", teacher, "--guidance", "1,x", check=False)
+    assert r.returncode == 2 and "comma-separated numbers" in r.stderr

@@ -162,15 +162,54 @@ def write_results(
     return j, m
 
 
+def choose_guidance(sweep: list[dict], min_accuracy: float) -> dict:
+    """The evaluation whose first row (the first step count evaluated) has the lowest FD among those whose digit
+    and color accuracies all reach ``min_accuracy``; if none does, the most accurate. Guidance buys accuracy
+    with diversity: past the accuracy it needs, a larger scale only narrows the distribution (higher FD)."""
+
+    def accuracy(res: dict) -> float:
+        r = res["rows"][0]
+        return min(r["digit_accuracy"], r["fg_accuracy"], r["bg_accuracy"])
+
+    passing = [res for res in sweep if accuracy(res) >= min_accuracy]
+    if passing:
+        return min(passing, key=lambda res: (res["rows"][0]["fd"], res["guidance"]))
+    return max(sweep, key=lambda res: (accuracy(res), -res["rows"][0]["fd"]))
+
+
+def sweep_table(sweep: list[dict], chosen: dict | None = None) -> str:
+    lines = [
+        "| guidance | steps | digit acc | fg color acc | bg color acc | Fréchet dist. (real floor) | |",
+        "|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for res in sweep:
+        r = res["rows"][0]
+        mark = "chosen" if res is chosen else ""
+        lines.append(
+            f"| {res['guidance']:g} | {r['steps']} | {100 * r['digit_accuracy']:.1f}% | {100 * r['fg_accuracy']:.1f}% "
+            f"| {100 * r['bg_accuracy']:.1f}% | {r['fd']:.2f} ({res['real_floor_fd']:.2f}) | {mark} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def record_in_card(
-    directory: str | Path, results: dict, model: TextToImage, judge: Path, min_accuracy: float, command: str
+    directory: str | Path,
+    results: dict,
+    model: TextToImage,
+    judge: Path,
+    min_accuracy: float,
+    command: str,
+    sweep: list[dict] | None = None,
+    guidance_min_accuracy: float | None = None,
 ) -> Card:
     """Write ``results`` into the model's card as its typed ``evaluation`` (``fewstep eval --write-card``).
 
     A student serves the measured step counts whose digit, foreground and background accuracies all reach
     ``min_accuracy``; the grid each measured count used is recorded in its sampling section, so the card says
     exactly how a served count is sampled. Routing reads this section (server/routing.py), nothing else.
-    A text-to-image card's free-form ``metrics`` are cleared: its measurements live here now.
+    A text-to-image card's free-form ``metrics`` are cleared: its measurements live here now. With a guidance
+    ``sweep`` (``results`` is the chosen scale's evaluation: choose_guidance), every scale is recorded and the
+    chosen one becomes the model's default guidance (``sampling.guidance``).
     """
     card = model.card
     judge_card = read_card(judge)
@@ -193,5 +232,12 @@ def record_in_card(
         timesteps = {**card.sampling.timesteps, **{str(r.steps): model.grid(r.steps) for r in rows}}
         steps = sorted(int(k) for k in timesteps)
         changes["sampling"] = card.sampling.model_copy(update={"timesteps": timesteps, "max_steps": max(steps)})
+    if sweep:
+        evaluation["guidance_sweep"] = [{"guidance": res["guidance"], **{k: res["rows"][0][k] for k in
+                                        ("steps", "digit_accuracy", "fg_accuracy", "bg_accuracy", "fd")}}
+                                        for res in sweep]  # fmt: skip
+        evaluation["guidance_min_accuracy"] = guidance_min_accuracy
+        sampling = changes.get("sampling", card.sampling)
+        changes["sampling"] = sampling.model_copy(update={"guidance": results["guidance"]})
     changes["evaluation"] = Evaluation.model_validate(evaluation)
     return update_card(directory, **changes)
