@@ -208,7 +208,7 @@ class DiffusersModel:
                 components[name] = _load_component(lib, klass, sub, dtype)
                 continue
             ids[name] = component_id(sub)
-            key = f"{ids[name]}:{dtype}"
+            key = f"{ids[name]}:{lib}.{klass}:{dtype}"  # the same files as another class are not the same object
             if key in shared.loaded:
                 obj, owner = shared.loaded[key]
                 reused[name] = owner
@@ -241,6 +241,7 @@ class DiffusersModel:
     def default_steps(self) -> int:
         return self.spec.default_steps
 
+    @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Flux: (T5 tokens, CLIP pooled) for ``prompts``, reusable by a model with the same encoder_key."""
         if not self.is_flux:
@@ -297,7 +298,7 @@ def _load_component(lib: str, klass: str, folder: Path, dtype: torch.dtype) -> A
         obj = loader.from_pretrained(folder, local_files_only=True, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise UsageError(f"{folder}: cannot load {klass} ({type(e).__name__}: {str(e)[:300]})") from None
-    return obj.eval() if isinstance(obj, torch.nn.Module) else obj
+    return obj.eval().requires_grad_(False) if isinstance(obj, torch.nn.Module) else obj
 
 
 def _fewstep_transformer(folder: Path, device: torch.device, dtype: torch.dtype, kernels: str):

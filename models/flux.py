@@ -318,12 +318,19 @@ def write_diffusers_transformer(
     out.parent.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(staging, safe_serialization=True)
     old = out.parent / f".{out.name}.old"
+    _remove(old)  # a crash's leftover
     if out.exists():
         os.rename(out, old)
     os.rename(staging, out)
-    if old.exists():
-        shutil.rmtree(old)
+    _remove(old)
     return out
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
 
 
 def describe(cfg: TransformerConfig) -> dict[str, Any]:

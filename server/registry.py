@@ -87,8 +87,9 @@ class ServedModel:
     def sizes(self) -> Sizes | None:
         if self.model is not None:
             return self.model.sizes
-        if self.spec is not None:
-            return Sizes(self.spec.width, self.spec.height)
+        if self.spec is not None:  # not loaded: the limits its fewstep.json declares (FLUX.1's multiple of 16)
+            sp = self.spec
+            return Sizes(sp.width, sp.height, sp.size_multiple or 16, sp.min_side, sp.max_side, sp.max_pixels)
         size = self.card.model.get("image_size", 32) if self.card else None
         return Sizes.fixed(size, size) if size else None
 
@@ -140,12 +141,13 @@ class Registry:
 
     def _link_teachers(self) -> None:
         by_sha = {m.card.files[TRANSFORMER].sha256: m.name for m in self.teachers() if m.card}
-        teachers = self.teachers()
+        teachers = [t for t in self.teachers() if t.card]  # a checkpoint's lone teacher, never a pipeline
         for m in self.models.values():
             if m.role != "student":
                 continue
             if m.spec is not None:  # a pipeline names its teacher; no guessing among other families' teachers
-                m.teacher = m.spec.teacher if m.spec.teacher in self.models else None
+                named = self.models.get(m.spec.teacher or "")
+                m.teacher = named.name if named is not None and named.role == "teacher" else None
                 continue
             ref = m.card.teacher if m.card else None
             if ref and ref.sha256 in by_sha:

@@ -187,7 +187,9 @@ class ImageService:
         if width is None and height is None:
             return None
         chosen = None
-        for name in dict.fromkeys((requested, serving)):
+        # the teacher too: a student that fails mid-batch hands the batch, at this size, to its teacher
+        teacher = self.registry.teacher_for(serving)
+        for name in dict.fromkeys((requested, serving, *([teacher.name] if teacher else []))):
             sizes = self.registry.models[name].sizes
             if sizes is None:
                 continue

@@ -205,3 +205,19 @@ def test_sdk_and_cli_ask_for_a_size(server, tmp_path):
     argv = ["generate", PROMPT, "--url", server.url, "--model", "flux-student", "--width", "24", "--height", "40"]
     assert main([*argv, "-o", str(out)]) == 0
     assert Image.open(out).size == (24, 40)
+
+
+def test_a_fewstep_student_never_falls_back_to_a_pipeline_teacher(pipelines_dir, tiny_teacher, tmp_path):
+    """With the student's own teacher absent, the lone-teacher guess is among checkpoints only: FLUX.1-dev must
+    not answer for a digits student."""
+    from fewstep.server.registry import Registry
+    from tests.serving import build_models_dir
+
+    models = tmp_path / "models"
+    build_models_dir(tmp_path / "digits", tiny_teacher)
+    shutil.copytree(tmp_path / "digits" / "tiny-student", models / "tiny-student")
+    shutil.copytree(pipelines_dir / "flux-teacher", models / "flux-teacher")
+    reg = Registry.scan(models, torch.device("cpu"), kernels="torch")
+    assert reg.models["tiny-student"].teacher is None and reg.models["flux-teacher"].ready
+    encoder = reg.models["flux-teacher"].model.pipe.text_encoder  # frozen: encoding keeps no autograd graph
+    assert not any(p.requires_grad for p in encoder.parameters())
