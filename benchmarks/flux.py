@@ -41,6 +41,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from fewstep.models.diffusers_model import module_bytes
+
 SKIP_TRITON_CPU = "no CUDA device: Triton kernels run on GPUs; tests/kernels checks them in the interpreter"
 GB = 1e9  # every table's unit: 10⁹ bytes
 BF16 = 2  # bytes per parameter
@@ -87,11 +89,8 @@ def build_fewstep(theirs, device: torch.device, dtype: torch.dtype):
     from fewstep.models.mmdit import MMDiT
 
     cfg = config_from_diffusers(dict(theirs.config))
-    state = state_from_diffusers(theirs.state_dict(), cfg)  # converted tensors are new, on ``device`` already
-    with torch.device("meta"):
-        mmdit = MMDiT(cfg, 0, 2 * cfg.patch_size)
-    mmdit.load_state_dict(state, assign=True, strict=True)
-    del state
+    # converted tensors are new, on ``device`` already; the MMDiT holds them (built on meta)
+    mmdit = MMDiT.from_state(cfg, state_from_diffusers(theirs.state_dict(), cfg))
     mmdit = mmdit.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return FluxMMDiT(mmdit).eval()
 
@@ -117,10 +116,6 @@ def make_inputs(
         txt_ids=torch.zeros(n_txt, 3, device=device, dtype=dtype),
         return_dict=False,
     )
-
-
-def param_bytes(model: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 # ---- timing -------------------------------------------------------------------------------------------------
@@ -157,7 +152,7 @@ def time_step(name: str, model, inputs: dict, device: torch.device, warmup: int,
             times.append(1000 * (time.perf_counter() - t0))
     peak = None
     if cuda:
-        peak = (param_bytes(model) + torch.cuda.max_memory_allocated(device) - before) / GB
+        peak = (module_bytes(model) + torch.cuda.max_memory_allocated(device) - before) / GB
     return statistics.median(times), peak, out.float()
 
 

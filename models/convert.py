@@ -36,16 +36,6 @@ def _dtype_name(state: dict[str, torch.Tensor]) -> str:
     return names[0]
 
 
-def _mmdit_on(cfg: TransformerConfig, state: dict[str, torch.Tensor] | None = None, device: str = "meta") -> MMDiT:
-    """An MMDiT for ``cfg`` (text widths resolved). On the meta device with ``state``, it holds state's tensors
-    themselves: no second copy of 12B weights."""
-    with torch.device(device):
-        model = MMDiT(cfg, 0, 2 * cfg.patch_size)
-    if state is not None:
-        model.load_state_dict(state, assign=True, strict=True)
-    return model
-
-
 def from_diffusers(source: str | Path, out: str | Path, overwrite: bool = False) -> Card:
     """A FluxTransformer2DModel (or FluxPipeline) folder -> a fewstep checkpoint of role "transformer"."""
     folder = transformer_folder(source)
@@ -57,7 +47,7 @@ def from_diffusers(source: str | Path, out: str | Path, overwrite: bool = False)
         "model": {"transformer": describe(cfg)},
         "data": {"converted_from": str(folder.resolve()), "format": "diffusers FluxTransformer2DModel"},
     }
-    weights = {TRANSFORMER: _mmdit_on(cfg, state)}
+    weights = {TRANSFORMER: MMDiT.from_state(cfg, state)}
     return save_checkpoint(out, card, weights, dtype=_dtype_name(state), overwrite=overwrite)
 
 
@@ -82,7 +72,7 @@ def load_transformer(directory: str | Path, device: str | torch.device = "cpu") 
     """The MMDiT of any checkpoint that holds one (role transformer, teacher or student), verified."""
     directory = Path(directory)
     card = read_card(directory)
-    model = _mmdit_on(transformer_config(card, str(directory / "card.json")), device="cpu")
+    model = MMDiT.from_state(transformer_config(card, str(directory / "card.json")), device="cpu")
     load_weights(directory, card, TRANSFORMER, model)
     return model.to(device).eval().requires_grad_(False)
 
@@ -101,7 +91,7 @@ def to_diffusers(source: str | Path, out: str | Path, overwrite: bool = False) -
     card = read_card(source)
     cfg = transformer_config(card, str(source / "card.json"))
     state = load_file(str(verify_file(source, card, TRANSFORMER)))
-    expected = _mmdit_on(cfg).state_dict()
+    expected = MMDiT.from_state(cfg).state_dict()
     for key, t in expected.items():
         if key not in state or state[key].shape != t.shape:
             got = tuple(state[key].shape) if key in state else "missing"

@@ -128,7 +128,6 @@ class DiffusersModel:
     ids: dict[str, str]  # component -> content id
     shared: dict[str, str] = field(default_factory=dict)  # component -> the model whose copy it uses
     bytes_shared: int = 0
-    card = None  # not a fewstep checkpoint
 
     @property
     def name(self) -> str:
@@ -237,10 +236,6 @@ class DiffusersModel:
         return cls(spec, folder, pipe, runner, sizes, ids, reused, saved)
 
     # ---- what the engine calls (the same as TextToImage) ----------------------------------------------------
-    @property
-    def default_steps(self) -> int:
-        return self.spec.default_steps
-
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Flux: (T5 tokens, CLIP pooled) for ``prompts``, reusable by a model with the same encoder_key."""
@@ -307,10 +302,7 @@ def _fewstep_transformer(folder: Path, device: torch.device, dtype: torch.dtype,
     from fewstep.models.flux_adapter import FluxMMDiT
     from fewstep.models.mmdit import MMDiT
 
-    cfg, state = mmdit_state_from_folder(folder)
-    with torch.device("meta"):
-        mmdit = MMDiT(cfg, 0, 2 * cfg.patch_size)
-    mmdit.load_state_dict(state, assign=True, strict=True)
+    mmdit = MMDiT.from_state(*mmdit_state_from_folder(folder))
     mmdit = mmdit.to(device=device, dtype=dtype).eval().requires_grad_(False)
     mmdit.set_kernels(resolve(kernels, device))
     return FluxMMDiT(mmdit).eval()

@@ -35,6 +35,17 @@ class MMDiT(nn.Module):
         self.final_layer = LastLayer(dim, p * p * cfg.in_channels)
         self._rope_cache: dict[tuple[int, int, int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
+    @classmethod
+    def from_state(cls, cfg: TransformerConfig, state: dict[str, torch.Tensor] | None = None, device="meta") -> MMDiT:
+        """An MMDiT for ``cfg`` with its text widths set (context_dim, pooled_dim: a converted Flux, or a checkpoint's
+        resolved config). Built on the meta device with ``state``, it holds state's tensors themselves: no second
+        copy of a 12B model's weights."""
+        with torch.device(device):
+            model = cls(cfg, 0, 2 * cfg.patch_size)
+        if state is not None:
+            model.load_state_dict(state, assign=True, strict=True)
+        return model
+
     @property
     def kernels(self) -> str:
         return self.final_layer.kernels

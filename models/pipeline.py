@@ -241,10 +241,6 @@ class TextToImage:
 
     # ---- what the server asks of any served model (models/diffusers_model.py answers the same) ------------
     @property
-    def default_steps(self) -> int:
-        return self.sampling.default_steps
-
-    @property
     def sizes(self) -> Sizes:
         return Sizes.fixed(self.config.image_size, self.config.image_size)
 

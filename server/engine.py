@@ -228,11 +228,14 @@ class Engine:
     def estimate_s(self, model: str, images: int, steps: int, size: tuple[int, int] | None = None) -> float:
         """Device seconds: images × steps × the model's seconds per image-step at its default size, scaled by
         pixels for another size (a transformer's cost grows at least with its token count)."""
-        scale = 1.0
-        sizes = self.registry.models[model].sizes if model in self.registry.models else None
-        if size is not None and sizes is not None:
-            scale = size[0] * size[1] / (sizes.width * sizes.height)
-        return images * steps * scale * self.cost_s.get(model, DEFAULT_COST_S)
+        return images * steps * self._pixel_scale(model, size) * self.cost_s.get(model, DEFAULT_COST_S)
+
+    def _pixel_scale(self, model: str, size: tuple[int, int] | None) -> float:
+        """A size's pixels over the model's default size's (1 for the default)."""
+        entry = self.registry.models.get(model)
+        if size is None or entry is None or entry.sizes is None:
+            return 1.0
+        return size[0] * size[1] / (entry.sizes.width * entry.sizes.height)
 
     def saturated(self) -> bool:
         """Full before looking at the request: the HTTP layer refuses without reading the body."""
@@ -384,10 +387,7 @@ class Engine:
             served_by, reasons = teacher.name, ["student_error"] * len(batch)
         elapsed = time.perf_counter() - start
         n_images = len(seeds)
-        scale = 1.0
-        if size is not None and entry.sizes is not None:
-            scale = size[0] * size[1] / (entry.sizes.width * entry.sizes.height)
-        self._observe_cost(served_by, elapsed, n_images, steps * scale)
+        self._observe_cost(served_by, elapsed, n_images, steps * self._pixel_scale(served_by, size))
         self.metrics.batch_inference.labels(model=served_by, steps=self.metrics.steps_label(steps)).observe(elapsed)
         self.metrics.batch_size.observe(n_images)
         self.metrics.images.labels(model=served_by).inc(n_images)
