@@ -1,4 +1,4 @@
-"""The ``fewstep`` command: data, train, distill, sample, eval, convert, serve, generate.
+"""The ``fewstep`` command: data, train, distill, compress, sample, eval, convert, serve, generate.
 
 Each command parses its flags and calls the library; the work itself lives in the packages, where the
 benchmarks call it too. A user's mistake (a UsageError, a CheckpointError) is one line and exit status 2;
@@ -95,7 +95,9 @@ def _train(args: argparse.Namespace) -> int:
 
 # ---- distill ---------------------------------------------------------------------------------------------
 def _distill_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", required=True, help="progressive, consistency, reflow, dmd2 or ladd")
+    p.add_argument(
+        "--method", required=True, help="progressive, consistency, reflow, dmd2, ladd or compress (fewstep compress)"
+    )
     _model_arg(p, "--teacher")
     _config_args(p, required=False)
     p.add_argument("--max-steps", type=int, help="bound the optimizer steps (and the data generated for them)")
@@ -127,6 +129,43 @@ def _distill(args: argparse.Namespace) -> int:
     finally:
         shutdown()
     print("students:", *map(str, students), sep="\n  ")
+    return 0
+
+
+# ---- compress --------------------------------------------------------------------------------------------
+def _compress_args(p: argparse.ArgumentParser) -> None:
+    _model_arg(p, "--teacher")
+    _config_args(p, required=False)
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--remove", type=int, help="remove this many of the least important blocks (default: a third)")
+    which.add_argument("--keep", help="keep exactly these blocks: double.0,double.1,single.3 (or d0,d1,s3)")
+    p.add_argument("--criterion", choices=["io_mse", "output_loss", "bi"], help="how blocks are ranked (io_mse)")
+    p.add_argument("--max-steps", type=int, help="bound the optimizer steps")
+
+
+@command("compress", "remove transformer blocks, then train the smaller model back with KD", _compress_args)
+def _compress(args: argparse.Namespace) -> int:
+    from fewstep.paths import resolve_model
+    from fewstep.training.config import load_config
+    from fewstep.training.distill.config import DistillConfig
+    from fewstep.training.distill.methods import distill
+
+    cfg = load_config(DistillConfig, args.config, args.set)
+    teacher = args.teacher or (cfg.teacher if args.config else None)
+    changes = {"method": "compress", "teacher": str(resolve_model(teacher, "digits-teacher"))}
+    if args.out or not args.config:
+        changes["out"] = args.out or "runs/compress"
+    if args.max_steps is not None:
+        if args.max_steps < 1:
+            raise UsageError("--max-steps must be >= 1")
+        changes["max_steps"] = args.max_steps
+    section = {"remove": args.remove, "keep": args.keep, "criterion": args.criterion}
+    section = {k: v for k, v in section.items() if v is not None}
+    if "remove" in section or "keep" in section:  # one replaces the other, whatever the config said
+        section = {"remove": None, "keep": None, **section}
+    cfg = replace(cfg, **changes, compress=replace(cfg.compress, **section))
+    (model,) = distill(cfg)
+    print(f"compressed model: {model}\nranking: {Path(cfg.out) / 'ranking.md'}")
     return 0
 
 

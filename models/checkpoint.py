@@ -71,6 +71,19 @@ class TeacherRef(BaseModel):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")  # of the teacher's transformer.safetensors
 
 
+class Compression(BaseModel):
+    """Lineage of a compressed model (``fewstep compress``): which of its source's blocks it kept, why, and how
+    it was trained back."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: TeacherRef  # the full model the blocks came from
+    criterion: str  # io_mse | output_loss | bi | keep (an explicit list)
+    kept: list[str]  # the source's block names, in order: double.0, ..., single.0, ...
+    removed: list[str]
+    weights: dict[str, float]  # task, output_kd, feature_kd
+    feature_norm: Literal["plain", "per_block"]
+
+
 class Sampling(BaseModel):
     """How to sample the model. A student supports exactly the step counts listed in ``timesteps``."""
 
@@ -155,6 +168,7 @@ class Card(BaseModel):
     data: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)  # training-time measurements (autoencoder, judge)
     evaluation: Evaluation | None = None  # the benchmark, written by `fewstep eval --write-card`
+    compression: Compression | None = None  # a model made by removing blocks from another (fewstep compress)
     fewstep_version: str = __version__
     created: str = Field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
 

@@ -42,6 +42,9 @@ class LoopConfig:
     device: str = "auto"  # auto | cpu | cuda
     log_every: int = 50
     ckpt_every: int = 500
+    # every this many minutes of training, also export the EMA model to OUT/snapshots/step-N (then `fewstep eval`
+    # each for a curve of quality against training time); None: only the final export
+    snapshot_minutes: float | None = None
     export_dtype: str = "float16"  # float16 | float32 | bfloat16
     num_threads: int | None = None  # torch intra-op threads; None: torch's default
 

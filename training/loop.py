@@ -135,6 +135,12 @@ def train(cfg: LoopConfig, recipe: Recipe, out_dir: str | Path | None = None, qu
     bar = tqdm(total=cfg.max_steps, initial=info.step, disable=rank != 0 or quiet, dynamic_ncols=True, desc=cfg.name)
     start, window_t, window_img = time.time(), time.time(), 0
     seconds_before = info.seconds
+    every_s = 60 * cfg.snapshot_minutes if cfg.snapshot_minutes else math.inf
+    next_snapshot = (math.floor(info.seconds / every_s) + 1) * every_s if cfg.snapshot_minutes else math.inf
+
+    def run_info() -> dict[str, Any]:
+        return {"steps": info.step, "duration_s": round(info.seconds, 1), "images_seen": info.images, **_record(cfg)}
+
     module.train()
     while info.step < cfg.max_steps:
         # under DDP every rank must use the same lr and stop at the same step: rank 0's clock decides
@@ -180,13 +186,16 @@ def train(cfg: LoopConfig, recipe: Recipe, out_dir: str | Path | None = None, qu
         bar.update(1)
         if info.step % cfg.ckpt_every == 0:
             save_state()
+        if rank == 0 and info.seconds >= next_snapshot:
+            # a copy: exporting moves the model to the CPU, and the EMA keeps training where it is
+            recipe.export(copy.deepcopy(ema), out / "snapshots" / f"step-{info.step:06d}", run_info())
+            next_snapshot = (math.floor(info.seconds / every_s) + 1) * every_s
     bar.close()
     save_state()
     if log:
         log.close()
     if rank == 0:
-        run = {"steps": info.step, "duration_s": round(info.seconds, 1), "images_seen": info.images, **_record(cfg)}
-        recipe.export(ema, out / "export", run)
+        recipe.export(ema, out / "export", run_info())
         for aux in ctx.auxiliaries.values():
             if aux.exported:
                 aux.export(out / "auxiliary")

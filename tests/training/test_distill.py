@@ -179,3 +179,18 @@ def test_consistency_loss_on_a_fixed_input(tiny_teacher, form):
     assert ((ct + ot) - (cs + os_)).abs().min() > 0.01
     diff = ((ct + ot) - (cs + os_)).view(-1, 1, 1, 1) * x_t
     assert float(loss.detach()) == pytest.approx(float(pseudo_huber(diff, default_huber_c(256))), rel=1e-5)
+
+
+def test_snapshots_export_the_ema_student_during_training(tiny_teacher, tmp_path):
+    """snapshot_minutes: a loadable student under OUT/snapshots/step-N at each interval, the final export as
+    before, and the run's own EMA untouched by the snapshot's export (it moves its copy to the CPU)."""
+    cfg = tiny_distill(tmp_path, tiny_teacher, method="dmd2", max_steps=3, snapshot_minutes=1e-9)
+    (final,) = distill(cfg)
+    snapshots = sorted((tmp_path / "snapshots").iterdir())
+    assert [p.name for p in snapshots] == ["step-000001", "step-000002", "step-000003"]
+    cards = [read_card(p) for p in snapshots]
+    assert [c.training["steps"] for c in cards] == [1, 2, 3]
+    assert all(c.training["duration_s"] <= read_card(final).training["duration_s"] for c in cards)
+    last = TextToImage.load(snapshots[-1]).transformer.state_dict()
+    exported = TextToImage.load(final).transformer.state_dict()
+    assert all(torch.equal(last[k], exported[k]) for k in exported)  # step 3's snapshot is the final EMA

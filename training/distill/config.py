@@ -81,8 +81,24 @@ class LADDSettings:
 
 
 @dataclass(frozen=True)
+class CompressSettings:
+    """Block removal, then knowledge distillation from the full model (the thesis's aim; BK-SDM, Flux.1 Lite,
+    Flux-Mini): training/compress/."""
+
+    criterion: str = "io_mse"  # io_mse | output_loss | bi: how blocks are ranked (training/compress/importance.py)
+    remove: int | None = None  # remove this many of the least important blocks; None: a third of them
+    keep: str | None = None  # or keep exactly these (double.0,single.3 or d0,s3), whatever the ranking says
+    calibration: int = 64  # images in the ranking's calibration batch
+    task_weight: float = 1.0  # flow matching on the data (the teacher's own loss)
+    output_weight: float = 1.0  # output KD: the full model's velocity
+    feature_weight: float = 1.0  # feature KD: each kept block's output against the full model's same block
+    feature_norm: str = "plain"  # plain: MSE per block (BK-SDM); per_block: MSE / the block's mean square
+    caption_dropout: float = 0.1  # as the teacher trained, so classifier-free guidance still works
+
+
+@dataclass(frozen=True)
 class DistillConfig(LoopConfig):
-    method: str = "consistency"  # progressive | consistency | reflow | dmd2 | ladd
+    method: str = "consistency"  # progressive | consistency | reflow | dmd2 | ladd | compress
     teacher: str = "zoo/digits-teacher"
     teacher_guidance: float | None = None  # CFG scale of the teacher's targets; None: the teacher card's
     name: str = "digits-student"
@@ -96,6 +112,7 @@ class DistillConfig(LoopConfig):
     reflow: ReflowSettings = field(default_factory=ReflowSettings)
     dmd2: DMD2Settings = field(default_factory=DMD2Settings)
     ladd: LADDSettings = field(default_factory=LADDSettings)
+    compress: CompressSettings = field(default_factory=CompressSettings)
 
     @property
     def settings(self) -> Any:

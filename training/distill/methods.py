@@ -59,12 +59,19 @@ def _ladd(cfg: DistillConfig, out: Path, teacher: TextToImage) -> list[Path]:
     return _single(LADDRecipe)(cfg, out, teacher)
 
 
+def _compress(cfg: DistillConfig, out: Path, teacher: TextToImage) -> list[Path]:
+    from fewstep.training.compress.recipe import run_compress
+
+    return run_compress(cfg, out, teacher)
+
+
 METHODS: dict[str, Runner] = {
     "progressive": _progressive,
     "consistency": _consistency,
     "reflow": _reflow,
     "dmd2": _dmd2,
     "ladd": _ladd,
+    "compress": _compress,
 }
 
 

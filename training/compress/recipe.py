@@ -1,0 +1,153 @@
+"""``fewstep compress`` (and ``fewstep distill --method compress``): rank, remove, train back, export.
+
+1. Rank every block on a calibration batch by each criterion (importance.py); write OUT/ranking.md and .json.
+2. Keep an explicit list, or remove the K least important by the chosen criterion (prune.py); the student
+   starts from the full model's weights.
+3. Train the student with task loss + output KD + feature KD from the full model (losses.py), at logit-normal t
+   and with the teacher's caption dropout, so the result is again a teacher: same sampler, steps and CFG.
+4. Export a teacher checkpoint whose card records the lineage (``compression``: source sha256, kept and removed
+   blocks, criterion, KD weights). Step-distil it like any teacher (`fewstep distill --teacher OUT/export`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fewstep.models.flow import interpolate, logit_normal_t
+from fewstep.models.mmdit import MMDiT
+from fewstep.models.pipeline import TextToImage
+from fewstep.training.compress.importance import CRITERIA, Calibration, Ranking, block_names, rank_blocks
+from fewstep.training.compress.losses import feature_kd, output_kd, task_loss
+from fewstep.training.compress.prune import choose_blocks, prune
+from fewstep.training.data import sample_batch
+from fewstep.training.distill.common import DataSource, DistillRecipe
+from fewstep.training.distill.config import DistillConfig
+from fewstep.training.loop import train
+from fewstep.training.teacher import drop_captions
+
+
+class CompressLoss(nn.Module):
+    """The student and its losses; the full model's outputs come in with the batch (it is not trained, so it
+    is not part of what the loop optimises, averages and saves)."""
+
+    def __init__(self, student: MMDiT, sources: list[int], weights: dict[str, float], norm: str):
+        super().__init__()
+        self.student, self.sources, self.weights, self.norm = student, sources, weights, norm
+
+    def forward(self, x0, noise, t, cond, v_teacher, f_teacher):
+        x_t = interpolate(x0, noise, t)
+        v, feats = self.student(x_t, t, cond.tokens, cond.mask, cond.pooled, return_features=True)
+        terms = {
+            "task": task_loss(v, x0, noise),
+            "output_kd": output_kd(v, v_teacher),
+            "feature_kd": feature_kd(feats, f_teacher, self.sources, self.norm),
+        }
+        w = self.weights
+        loss = w["task"] * terms["task"] + w["output_kd"] * terms["output_kd"] + w["feature_kd"] * terms["feature_kd"]
+        return loss, {k: v.detach() for k, v in terms.items()}
+
+
+class CompressRecipe(DistillRecipe):
+    def __init__(self, cfg: DistillConfig, teacher: TextToImage, student: MMDiT, sources: list[int], lineage: dict):
+        super().__init__(cfg, teacher)
+        s = cfg.compress
+        self.source = DataSource(cfg, teacher)
+        self.lineage = lineage
+        self.module = CompressLoss(student, sources, lineage["weights"], s.feature_norm)
+
+    def make_batch(self, generator: torch.Generator) -> dict[str, Any]:
+        b = sample_batch(self.source.data, self.cfg.batch_size, generator)
+        n = len(b.captions)
+        return {
+            "images": b.images,
+            "captions": drop_captions(b.captions, self.cfg.compress.caption_dropout, generator),
+            "t": logit_normal_t(n, generator),  # as the teacher was trained (SD3, minRF)
+            "noise": torch.randn(n, *self.teacher.latent_shape, generator=generator),
+        }
+
+    def train_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        x0, noise, t, cond = batch["x0"], batch["noise"], batch["t"], batch["cond"]
+        with torch.no_grad():
+            x_t = interpolate(x0, noise, t)
+            tr = self.teacher.transformer
+            v_t, f_t = tr(x_t, t, cond.tokens, cond.mask, cond.pooled, return_features=True)
+        return self.module(x0, noise, t, cond, v_t, f_t)
+
+    def export(self, ema: nn.Module, out_dir: Path, info: dict[str, Any]) -> TextToImage:
+        return export_compressed(self.teacher, ema.student, out_dir, self.cfg, info, self.lineage)
+
+
+def export_compressed(
+    teacher: TextToImage, transformer: MMDiT, out_dir: Path, cfg: DistillConfig, info: dict[str, Any], lineage: dict
+) -> TextToImage:
+    """A teacher checkpoint (the full model's text encoder, tokenizer, autoencoder and sampling) around the
+    compressed transformer, its card carrying the lineage."""
+    config = replace(teacher.config, transformer=transformer.cfg)
+    model = TextToImage(config, teacher.tokenizer, teacher.text_encoder, transformer, teacher.autoencoder)
+    model.to("cpu")
+    sampling = teacher.sampling.model_dump()
+    card = {
+        "name": cfg.name,
+        "role": "teacher",
+        "sampling": sampling,
+        "training": {"method": "compress", **info},
+        "data": {"name": cfg.data},
+        "compression": lineage,
+    }
+    model.save(out_dir, card, dtype=cfg.export_dtype, overwrite=True)
+    teacher.to(teacher.device)  # export moved the shared modules to the CPU
+    kept, total = len(lineage["kept"]), len(lineage["kept"]) + len(lineage["removed"])
+    print(f"compressed model exported to {out_dir} ({kept} of {total} blocks)")
+    return model
+
+
+@torch.no_grad()
+def calibration_batch(cfg: DistillConfig, teacher: TextToImage) -> Calibration:
+    """Real data, noised at times spread evenly over (0, 1) (fixed seed: the ranking is reproducible)."""
+    g = torch.Generator().manual_seed(cfg.seed + 12345)
+    n = cfg.compress.calibration
+    b = sample_batch(DataSource(cfg, teacher).data, n, g)
+    device = teacher.device
+    ae = teacher.autoencoder
+    images = b.images.to(device)
+    x0 = images if ae is None else ae.encode(images)
+    t = ((torch.arange(n) + 0.5) / n).to(device)
+    noise = torch.randn(x0.shape, generator=g).to(device)
+    return Calibration(interpolate(x0, noise, t), t, teacher.encode_text(b.captions))
+
+
+def rank(cfg: DistillConfig, teacher: TextToImage, out: Path) -> Ranking:
+    """Rank the teacher's blocks by every criterion and write OUT/ranking.md and OUT/ranking.json."""
+    ranking = rank_blocks(teacher.transformer.eval(), calibration_batch(cfg, teacher), CRITERIA)
+    names = ranking.blocks
+    k = len(names) // 3 if cfg.compress.remove is None else cfg.compress.remove
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ranking.json").write_text(ranking.to_json())
+    (out / "ranking.md").write_text(f"# Block importance of {teacher.name}\n\n" + ranking.to_markdown(max(1, k)))
+    return ranking
+
+
+def run_compress(cfg: DistillConfig, out: Path, teacher: TextToImage) -> list[Path]:
+    s = cfg.compress
+    if s.criterion not in CRITERIA and not s.keep:
+        raise ValueError(f"compress.criterion {s.criterion!r}: one of {', '.join(CRITERIA)}")
+    ranking = rank(cfg, teacher, out)
+    names = block_names(teacher.transformer)
+    kept = choose_blocks(names, ranking, s.criterion, s.remove, s.keep)
+    student, sources = prune(teacher.transformer, kept)
+    lineage = {
+        "source": {"name": teacher.name, "sha256": teacher.weights_sha256()},
+        "criterion": "keep" if s.keep else s.criterion,
+        "kept": kept,
+        "removed": [n for n in names if n not in kept],
+        "weights": {"task": s.task_weight, "output_kd": s.output_weight, "feature_kd": s.feature_weight},
+        "feature_norm": s.feature_norm,
+    }
+    print(f"keeping {', '.join(kept)}; removing {', '.join(lineage['removed'])} ({lineage['criterion']})")
+    train(cfg, CompressRecipe(cfg, teacher, student.train().requires_grad_(True), sources, lineage), out_dir=out)
+    return [out / "export"]
