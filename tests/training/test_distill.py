@@ -36,6 +36,7 @@ ZOO = Path(__file__).resolve().parents[2] / "zoo"
         ("dmd2", {}, [[1]]),
         ("dmd2", {"dmd2": {"generator_steps": 4, "fake_updates": 2}}, [[4]]),
         ("ladd", {}, [[1, 2, 4]]),
+        ("guidance", {"guidance": {"student_steps": [4]}}, [[4]]),
     ],
 )
 def test_method_yields_loadable_students(tiny_teacher, tmp_path, method, changes, expect_steps):
@@ -194,3 +195,50 @@ def test_snapshots_export_the_ema_student_during_training(tiny_teacher, tmp_path
     last = TextToImage.load(snapshots[-1]).transformer.state_dict()
     exported = TextToImage.load(final).transformer.state_dict()
     assert all(torch.equal(last[k], exported[k]) for k in exported)  # step 3's snapshot is the final EMA
+
+
+def test_guidance_distillation_target_by_hand(tiny_teacher, tmp_path):
+    """At initialisation the student is the teacher's conditional branch (zero-initialised w-embedding), so its loss
+    against CFG's v_u + w·(v_c − v_u) is (w − 1)²·‖v_c − v_u‖²: zero at w = 1, four times as large at 3 as at 2."""
+    from fewstep.training.distill.common import velocity
+    from fewstep.training.distill.guidance import GuidanceRecipe
+
+    teacher = TextToImage.load(tiny_teacher)
+    recipe = GuidanceRecipe(tiny_distill(tmp_path, tiny_teacher, method="guidance"), teacher)
+    g = torch.Generator().manual_seed(0)
+    x_t, t = torch.randn(1, *teacher.latent_shape, generator=g), torch.tensor([0.6])
+    cond, empty = recipe.cond(["a red 7 on black"]), recipe.cond.empty(1)
+    with torch.no_grad():
+        v_c, v_u = velocity(teacher.transformer, x_t, t, cond), velocity(teacher.transformer, x_t, t, empty)
+        gap = (v_c - v_u).pow(2).mean().item()
+        assert gap > 0
+        for w in (1.0, 2.0, 3.0):
+            target = v_u + w * (v_c - v_u)
+            loss, _ = recipe.module(x_t, t, cond, torch.tensor([w]), target)
+            assert loss.item() == pytest.approx((w - 1) ** 2 * gap, rel=1e-4, abs=1e-10)
+    with pytest.raises(ValueError, match="empty or negative"):
+        GuidanceRecipe(
+            tiny_distill(tmp_path, tiny_teacher, method="guidance", guidance={"guidance_min": 3, "guidance_max": 2}),
+            teacher,
+        )
+
+
+def test_guidance_then_progressive_keeps_w_as_an_input(tiny_teacher, tmp_path):
+    """Stage 2: progressive distillation from a w-conditioned model gives few-step students that still take w."""
+    (stage1,) = distill(tiny_distill(tmp_path / "g", tiny_teacher, method="guidance", guidance={"student_steps": [4]}))
+    card1 = read_card(stage1)
+    assert card1.model["transformer"]["guidance_embed"] and card1.training["resolved"]["guidance_range"] == [1.0, 4.0]
+    students = distill(tiny_distill(tmp_path / "p", stage1, method="progressive"))
+    for path in students:
+        card = read_card(path)
+        assert card.model["transformer"]["guidance_embed"]
+        assert card.sampling.guidance == card1.sampling.guidance  # the default w; requests may set another
+        model = TextToImage.load(path)
+        steps = card.sampling.default_steps
+        a = model.generate(["a red 7 on black"], [0], steps=steps, guidance=1.0)
+        b = model.generate(["a red 7 on black"], [0], steps=steps, guidance=4.0)
+        assert torch.isfinite(a).all() and torch.isfinite(b).all()
+    # the CFG teacher's chain distils guidance in: no w input, default 1
+    (cfg_student, *_) = distill(tiny_distill(tmp_path / "c", tiny_teacher, method="progressive"))
+    assert not read_card(cfg_student).model["transformer"]["guidance_embed"]
+    assert read_card(cfg_student).sampling.guidance == 1.0

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from fewstep.models.flow import interpolate, logit_normal_t
@@ -126,9 +127,10 @@ def rank(cfg: DistillConfig, teacher: TextToImage, out: Path) -> Ranking:
     ranking = rank_blocks(teacher.transformer.eval(), calibration_batch(cfg, teacher), CRITERIA)
     names = ranking.blocks
     k = len(names) // 3 if cfg.compress.remove is None else cfg.compress.remove
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "ranking.json").write_text(ranking.to_json())
-    (out / "ranking.md").write_text(f"# Block importance of {teacher.name}\n\n" + ranking.to_markdown(max(1, k)))
+    if not dist.is_initialized() or dist.get_rank() == 0:  # every rank ranks (the same batch), one writes
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "ranking.json").write_text(ranking.to_json())
+        (out / "ranking.md").write_text(f"# Block importance of {teacher.name}\n\n" + ranking.to_markdown(max(1, k)))
     return ranking
 
 

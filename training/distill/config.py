@@ -26,6 +26,10 @@ class ProgressiveSettings:
     # optimizer steps per round; None: max_steps split evenly. Later rounds are no easier than the first (each
     # student must match two steps of a teacher that is itself a student): give every round the same budget
     round_steps: int | None = None
+    # a teacher that takes the guidance scale as an input (guidance distillation, stage 1): w ~ U[min, max] is
+    # given to it and to every round's student, which keeps w as an input (Meng et al. 2023, stage 2)
+    guidance_min: float = 1.0
+    guidance_max: float = 4.0
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,15 @@ class LADDSettings:
 
 
 @dataclass(frozen=True)
+class GuidanceSettings:
+    """Meng et al. 2023, stage 1: one forward with w as an input replaces CFG's two."""
+
+    guidance_min: float = 1.0  # w ~ U[min, max] in training; requests may ask for any w in this range
+    guidance_max: float = 4.0
+    student_steps: tuple[int, ...] = ()  # step counts exported; empty: the teacher's default
+
+
+@dataclass(frozen=True)
 class CompressSettings:
     """Block removal, then knowledge distillation from the full model (the thesis's aim; BK-SDM, Flux.1 Lite,
     Flux-Mini): training/compress/."""
@@ -98,7 +111,7 @@ class CompressSettings:
 
 @dataclass(frozen=True)
 class DistillConfig(LoopConfig):
-    method: str = "consistency"  # progressive | consistency | reflow | dmd2 | ladd | compress
+    method: str = "consistency"  # progressive | consistency | reflow | dmd2 | ladd | guidance | compress
     teacher: str = "zoo/digits-teacher"
     teacher_guidance: float | None = None  # CFG scale of the teacher's targets; None: the teacher card's
     name: str = "digits-student"
@@ -112,6 +125,7 @@ class DistillConfig(LoopConfig):
     reflow: ReflowSettings = field(default_factory=ReflowSettings)
     dmd2: DMD2Settings = field(default_factory=DMD2Settings)
     ladd: LADDSettings = field(default_factory=LADDSettings)
+    guidance: GuidanceSettings = field(default_factory=GuidanceSettings)
     compress: CompressSettings = field(default_factory=CompressSettings)
 
     @property

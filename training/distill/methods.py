@@ -59,6 +59,12 @@ def _ladd(cfg: DistillConfig, out: Path, teacher: TextToImage) -> list[Path]:
     return _single(LADDRecipe)(cfg, out, teacher)
 
 
+def _guidance(cfg: DistillConfig, out: Path, teacher: TextToImage) -> list[Path]:
+    from fewstep.training.distill.guidance import GuidanceRecipe
+
+    return _single(GuidanceRecipe)(cfg, out, teacher)
+
+
 def _compress(cfg: DistillConfig, out: Path, teacher: TextToImage) -> list[Path]:
     from fewstep.training.compress.recipe import run_compress
 
@@ -71,6 +77,7 @@ METHODS: dict[str, Runner] = {
     "reflow": _reflow,
     "dmd2": _dmd2,
     "ladd": _ladd,
+    "guidance": _guidance,
     "compress": _compress,
 }
 

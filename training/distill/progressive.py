@@ -42,7 +42,8 @@ class ProgressiveLoss(nn.Module):
         self._teacher = [round_teacher]  # a list: not registered, not optimised, not in the state dict
         self.n, self.guidance, self.empty = teacher_steps, guidance, empty
 
-    def forward(self, x0, noise, t, cond):
+    def forward(self, x0, noise, t, cond, w=None):
+        """``w`` (B,): a w-conditioned teacher's scale, an input of teacher and student alike; None: CFG."""
         teacher = self._teacher[0]
         x_t = interpolate(x0, noise, t)
         dt = 1.0 / self.n
@@ -50,10 +51,13 @@ class ProgressiveLoss(nn.Module):
             x = x_t
             for k in range(2):  # two teacher steps of 1/N: t -> t − 1/N -> t − 2/N
                 tk = t - k * dt
-                v = guided_velocity(teacher, x, tk, cond, self.empty(len(t)), self.guidance)
+                if w is None:
+                    v = guided_velocity(teacher, x, tk, cond, self.empty(len(t)), self.guidance)
+                else:
+                    v = velocity(teacher, x, tk, cond, guidance=w)
                 x = x - dt * v
             target = progressive_velocity_target(x_t, x, t, t - 2 * dt)
-        v_student = velocity(self.student, x_t, t, cond)
+        v_student = velocity(self.student, x_t, t, cond, guidance=w)
         return (v_student.float() - target.float()).pow(2).mean(), {}
 
 
@@ -79,9 +83,17 @@ class ProgressiveRound(DistillRecipe):
         j = torch.randint(1, self.student_steps + 1, (b,), generator=generator)  # student grid point
         batch["t"] = j.float() / self.student_steps
         batch["noise"] = torch.randn(b, *self.teacher.latent_shape, generator=generator)
+        if self.w_conditioned:
+            s = self.cfg.progressive
+            batch["w"] = s.guidance_min + (s.guidance_max - s.guidance_min) * torch.rand(b, generator=generator)
         return batch
 
+    @property
+    def w_conditioned(self) -> bool:
+        return bool(self.module.student.cfg.guidance_embed)
+
     def export(self, ema: nn.Module, out_dir: Path, info: dict[str, Any]):
+        s = self.cfg.progressive
         return export_student(
             self.teacher,
             ema.student,
@@ -89,7 +101,12 @@ class ProgressiveRound(DistillRecipe):
             self.cfg,
             info,
             [self.student_steps],
-            extra={"round_teacher_steps": self.module.n},
+            # a w-conditioned student's default w is its teacher's; a CFG-distilled one has guidance built in (1)
+            guidance=self.teacher.sampling.guidance if self.w_conditioned else 1.0,
+            extra={
+                "round_teacher_steps": self.module.n,
+                **({"guidance_range": [s.guidance_min, s.guidance_max]} if self.w_conditioned else {}),
+            },
         )
 
 
