@@ -96,7 +96,9 @@ def _train(args: argparse.Namespace) -> int:
 # ---- distill ---------------------------------------------------------------------------------------------
 def _distill_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--method", required=True, help="progressive, consistency, reflow, dmd2, ladd, guidance or compress (fewstep compress)"
+        "--method",
+        required=True,
+        help="progressive, consistency, reflow, dmd2, ladd, guidance or compress (fewstep compress)",
     )
     _model_arg(p, "--teacher")
     _config_args(p, required=False)
