@@ -869,9 +869,12 @@ def build_fault_models(zoo: Path, root: Path) -> tuple[str, str, dict[str, str]]
 
     root.mkdir(parents=True)
     models = sorted(p for p in zoo.iterdir() if p.is_dir())
-    teacher = next(p for p in models if _card(p).get("role") == "teacher")
     students = [p for p in models if _card(p).get("role") == "student"]
     student = next((p for p in students if p.name == "digits-reflow-2rf"), students[0])
+    named = (_card(student).get("teacher") or {}).get("name")  # its own teacher, when the zoo holds several
+    teacher = next((p for p in models if p.name == named), None) or next(
+        p for p in models if _card(p).get("role") == "teacher"
+    )
     shutil.copytree(teacher, root / teacher.name)
     shutil.copytree(student, root / student.name)
     broken = {
