@@ -59,7 +59,7 @@ def main() -> int:
     run, out = Path(args.run), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     store = out / "curve.json"
-    done = {r["checkpoint"]: r for r in json.loads(store.read_text())["rows"]} if store.exists() else {}
+    done = {r["key"]: r for r in json.loads(store.read_text())["rows"]} if store.exists() else {}
     reference = None
     if args.reference:
         ref = json.loads(Path(args.reference).read_text())
@@ -69,13 +69,15 @@ def main() -> int:
     classifier = load_classifier(resolve_model(args.classifier, "digits-classifier"))
     rows = []
     for ckpt in checkpoints(run):
-        key = str(ckpt)
         card = read_card(ckpt)
+        # a re-export or another step count is measured afresh
+        key = f"{ckpt}|{args.steps}|{card.files['transformer.safetensors'].sha256}"
         if key not in done or done[key]["n"] != args.n:
             res = evaluate(TextToImage.load(ckpt), classifier, [args.steps], n=args.n)
             r = res["rows"][0]
             done[key] = {
-                "checkpoint": key,
+                "key": key,
+                "checkpoint": str(ckpt),
                 "n": args.n,
                 "minutes": card.training["duration_s"] / 60,
                 "optimizer_steps": card.training["steps"],

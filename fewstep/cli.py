@@ -151,6 +151,7 @@ def _compress(args: argparse.Namespace) -> int:
     from fewstep.training.config import load_config
     from fewstep.training.distill.config import DistillConfig
     from fewstep.training.distill.methods import distill
+    from fewstep.training.distributed import init_from_env, shutdown
 
     cfg = load_config(DistillConfig, args.config, args.set)
     teacher = args.teacher or (cfg.teacher if args.config else None)
@@ -166,7 +167,11 @@ def _compress(args: argparse.Namespace) -> int:
     if "remove" in section or "keep" in section:  # one replaces the other, whatever the config said
         section = {"remove": None, "keep": None, **section}
     cfg = replace(cfg, **changes, compress=replace(cfg.compress, **section))
-    (model,) = distill(cfg)
+    init_from_env(cfg.device)  # under torchrun: one process per device, gradients averaged
+    try:
+        (model,) = distill(cfg)
+    finally:
+        shutdown()
     print(f"compressed model: {model}\nranking: {Path(cfg.out) / 'ranking.md'}")
     return 0
 

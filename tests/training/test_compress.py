@@ -68,7 +68,7 @@ def _forward(net, c: Calibration) -> torch.Tensor:
 def test_a_pruned_model_equals_the_full_one_with_those_blocks_skipped(net_and_batch):
     net, c = net_and_batch
     names = block_names(net)
-    gone = [names[0], names[-2]]
+    gone = [names[1], names[-2]]
     kept = [n for n in names if n not in gone]
     small, sources = prune(net, kept)
     assert len(small.double_blocks) + len(small.single_blocks) == len(names) - 2
@@ -79,8 +79,12 @@ def test_a_pruned_model_equals_the_full_one_with_those_blocks_skipped(net_and_ba
     assert not torch.allclose(skipped, full)
     assert torch.allclose(_forward(small, c), skipped, atol=1e-6)
     assert torch.equal(_forward(net, c), full)  # skipping restored both blocks
+    # feature KD pairs student block j with the full model's feature sources[j]: equal up to the first removal
     _, f_small = small(c.x_t, c.t, c.cond.tokens, c.cond.mask, c.cond.pooled, return_features=True)
-    assert len(f_small) == len(kept)  # one feature per kept block: sources index the full model's features
+    _, f_full = net(c.x_t, c.t, c.cond.tokens, c.cond.mask, c.cond.pooled, return_features=True)
+    assert len(f_small) == len(kept) and sources[0] == 0
+    assert torch.allclose(f_small[0], f_full[sources[0]], atol=1e-6)
+    assert not torch.allclose(f_small[1], f_full[sources[1]], atol=1e-3)  # after double.1 was removed
 
 
 def test_a_block_that_does_nothing_ranks_least_important_by_every_criterion(net_and_batch):
@@ -100,6 +104,11 @@ def test_a_block_that_does_nothing_ranks_least_important_by_every_criterion(net_
     assert json.loads(ranking.to_json())["blocks"] == names
     with pytest.raises(ValueError, match="unknown criteria"):
         rank_blocks(net, c, ("cka",))
+    # chunked (the memory of one chunk) or not, the same scores
+    small_chunks = rank_blocks(net, c, chunk=1)
+    for criterion in ranking.scores:
+        for n in names:
+            assert small_chunks.scores[criterion][n] == pytest.approx(ranking.scores[criterion][n], rel=1e-4, abs=1e-9)
 
 
 def test_keep_lists_and_removal_counts():
@@ -133,6 +142,18 @@ def test_compress_command_removes_blocks_and_records_the_lineage(tiny_teacher, t
     assert depth == len(lin.kept) == len(ranking["blocks"]) - 1
     images = model.generate(["a red 7 on black"], [0], steps=2)
     assert images.shape[0] == 1 and torch.isfinite(images).all()
-    # an explicit keep list wins over the ranking, and the command refuses what it cannot keep
-    r = fewstep("compress", "--teacher", str(tiny_teacher), "--out", str(tmp_path / "bad"), "--keep", "s9", check=False)
-    assert r.returncode != 0 and "no block 's9'" in r.stderr and "Traceback" not in r.stderr
+    # bad settings are refused, with the setting named, before any data is read
+    for args, msg in [
+        (["--keep", "s9"], "no block 's9'"),
+        (["--criterion", "cka"], "invalid choice"),
+        (["--set", "compress.feature_norm=l2"], "feature_norm: 'l2'"),
+        ([], "too few to remove a third"),  # the tiny teacher has 2 blocks
+    ]:
+        r = fewstep("compress", "--teacher", str(tiny_teacher), "--out", str(tmp_path / "bad"), *args, check=False)
+        assert r.returncode != 0 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
+    # a run started with some blocks is not resumed with others
+    r = fewstep(
+        "compress", "--teacher", str(tiny_teacher), "--out", str(out), "--keep", lin.removed[0], "--max-steps", "2",
+        "--set", "data=synthetic", "--set", "compress.calibration=8", check=False,
+    )  # fmt: skip
+    assert r.returncode != 0 and "was started keeping" in r.stderr and "Traceback" not in r.stderr

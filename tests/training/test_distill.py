@@ -7,10 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from fewstep.errors import UsageError
 from fewstep.models.checkpoint import read_card
 from fewstep.models.flow import CONSISTENCY_FORMS, consistency_coefficients, consistency_function
 from fewstep.models.pipeline import TextToImage
 from fewstep.training.config import LOOP_FIELDS
+from fewstep.training.distill.common import velocity
 from fewstep.training.distill.config import DistillConfig
 from fewstep.training.distill.losses import (
     dmd_gradient,
@@ -198,29 +200,34 @@ def test_snapshots_export_the_ema_student_during_training(tiny_teacher, tmp_path
 
 
 def test_guidance_distillation_target_by_hand(tiny_teacher, tmp_path):
-    """At initialisation the student is the teacher's conditional branch (zero-initialised w-embedding), so its loss
-    against CFG's v_u + w·(v_c − v_u) is (w − 1)²·‖v_c − v_u‖²: zero at w = 1, four times as large at 3 as at 2."""
-    from fewstep.training.distill.common import velocity
+    """At initialisation the student is the teacher's conditional branch (zero-initialised w-embedding), so its
+    training loss against CFG's v_u + w·(v_c − v_u) is (w − 1)²·‖v_c − v_u‖²: zero at w = 1, four times as large
+    at 3 as at 2. Through train_step: the recipe's own target (conditional and empty caption the right way round)."""
+    from fewstep.models.flow import interpolate
     from fewstep.training.distill.guidance import GuidanceRecipe
 
     teacher = TextToImage.load(tiny_teacher)
     recipe = GuidanceRecipe(tiny_distill(tmp_path, tiny_teacher, method="guidance"), teacher)
+    recipe.setup(Context(torch.device("cpu"), recipe.module, 1, (0.9, 0.99), None))
     g = torch.Generator().manual_seed(0)
-    x_t, t = torch.randn(1, *teacher.latent_shape, generator=g), torch.tensor([0.6])
+    x0, noise, t = (
+        torch.randn(1, *teacher.latent_shape, generator=g),
+        torch.randn(1, *teacher.latent_shape),
+        torch.tensor([0.6]),
+    )
     cond, empty = recipe.cond(["a red 7 on black"]), recipe.cond.empty(1)
     with torch.no_grad():
+        x_t = interpolate(x0, noise, t)
         v_c, v_u = velocity(teacher.transformer, x_t, t, cond), velocity(teacher.transformer, x_t, t, empty)
         gap = (v_c - v_u).pow(2).mean().item()
         assert gap > 0
         for w in (1.0, 2.0, 3.0):
-            target = v_u + w * (v_c - v_u)
-            loss, _ = recipe.module(x_t, t, cond, torch.tensor([w]), target)
+            batch = {"x0": x0, "noise": noise, "t": t, "cond": cond, "w": torch.tensor([w])}
+            loss, _ = recipe.train_step(batch)
             assert loss.item() == pytest.approx((w - 1) ** 2 * gap, rel=1e-4, abs=1e-10)
-    with pytest.raises(ValueError, match="empty or negative"):
-        GuidanceRecipe(
-            tiny_distill(tmp_path, tiny_teacher, method="guidance", guidance={"guidance_min": 3, "guidance_max": 2}),
-            teacher,
-        )
+    bad = tiny_distill(tmp_path, tiny_teacher, method="guidance", guidance={"guidance_min": 3, "guidance_max": 2})
+    with pytest.raises(UsageError, match="empty or negative"):
+        GuidanceRecipe(bad, teacher)
 
 
 def test_guidance_then_progressive_keeps_w_as_an_input(tiny_teacher, tmp_path):
@@ -232,12 +239,13 @@ def test_guidance_then_progressive_keeps_w_as_an_input(tiny_teacher, tmp_path):
     for path in students:
         card = read_card(path)
         assert card.model["transformer"]["guidance_embed"]
+        assert card.training["resolved"]["guidance_range"] == [1.0, 4.0]  # stage 1's range, inherited
         assert card.sampling.guidance == card1.sampling.guidance  # the default w; requests may set another
         model = TextToImage.load(path)
         steps = card.sampling.default_steps
         a = model.generate(["a red 7 on black"], [0], steps=steps, guidance=1.0)
         b = model.generate(["a red 7 on black"], [0], steps=steps, guidance=4.0)
-        assert torch.isfinite(a).all() and torch.isfinite(b).all()
+        assert torch.isfinite(a).all() and torch.isfinite(b).all() and not torch.equal(a, b)
     # the CFG teacher's chain distils guidance in: no w input, default 1
     (cfg_student, *_) = distill(tiny_distill(tmp_path / "c", tiny_teacher, method="progressive"))
     assert not read_card(cfg_student).model["transformer"]["guidance_embed"]

@@ -128,40 +128,55 @@ class Ranking:
 
 
 @torch.no_grad()
-def rank_blocks(model: MMDiT, calib: Calibration, criteria: tuple[str, ...] = CRITERIA) -> Ranking:
+def rank_blocks(model: MMDiT, calib: Calibration, criteria: tuple[str, ...] = CRITERIA, chunk: int = 16) -> Ranking:
+    """Scores per criterion, over the calibration batch in chunks of ``chunk`` images: each chunk's hidden states
+    are reduced to sums as the hooks see them, so memory holds one chunk's activations, never the batch's (a
+    Flux-sized model ranks on the GPU it trains on)."""
     unknown = set(criteria) - set(CRITERIA)
     if unknown:
         raise ValueError(f"unknown criteria {sorted(unknown)}; known: {', '.join(CRITERIA)}")
     names = block_names(model)
     n_img = calib.x_t.shape[-2] * calib.x_t.shape[-1] // model.cfg.patch_size**2
-    states: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    sums = {k: dict.fromkeys(names, 0.0) for k in ("sq", "cos", "skip")}
+    counts = {"sq": 0, "tokens": 0, "out": 0}
 
     def hook(name: str):
-        def capture(module, args, output):
+        def reduce(module, args, output):
             if name.startswith("double"):
-                states[name] = (args[0], output[0])  # the image stream
+                x_in, x_out = args[0], output[0]  # the image stream
             else:
-                states[name] = (args[0][:, -n_img:], output[:, -n_img:])  # the image tokens of the joint stream
+                x_in, x_out = args[0][:, -n_img:], output[:, -n_img:]  # the image tokens of the joint stream
+            sums["sq"][name] += float((x_out.float() - x_in.float()).pow(2).sum())
+            sums["cos"][name] += float(F.cosine_similarity(x_in.float(), x_out.float(), dim=-1).sum())
 
-        return capture
+        return reduce
 
     blocks = [*model.double_blocks, *model.single_blocks]
-    handles = [b.register_forward_hook(hook(n)) for n, b in zip(names, blocks, strict=True)]
-    c = calib.cond
-    try:
-        full = model(calib.x_t, calib.t, c.tokens, c.mask, c.pooled)
-    finally:
-        for h in handles:
-            h.remove()
+    for lo in range(0, len(calib.t), chunk):
+        x_t, t = calib.x_t[lo : lo + chunk], calib.t[lo : lo + chunk]
+        c = calib.cond
+        tokens, mask, pooled = c.tokens[lo : lo + chunk], c.mask[lo : lo + chunk], c.pooled[lo : lo + chunk]
+        handles = [b.register_forward_hook(hook(n)) for n, b in zip(names, blocks, strict=True)]
+        try:
+            full = model(x_t, t, tokens, mask, pooled)
+        finally:
+            for h in handles:
+                h.remove()
+        width = model.cfg.hidden_size
+        counts["sq"] += len(t) * n_img * width
+        counts["tokens"] += len(t) * n_img
+        counts["out"] += full.numel()
+        if "output_loss" in criteria:
+            for n in names:
+                with skipping(model, n):
+                    v = model(x_t, t, tokens, mask, pooled)
+                sums["skip"][n] += float((v.float() - full.float()).pow(2).sum())
     scores: dict[str, dict[str, float]] = {}
-    if "io_mse" in criteria:
-        scores["io_mse"] = {n: float(io_mse(*states[n])) for n in names}
-    if "bi" in criteria:
-        scores["bi"] = {n: float(block_influence(*states[n])) for n in names}
-    if "output_loss" in criteria:
-        scores["output_loss"] = {}
-        for n in names:
-            with skipping(model, n):
-                v = model(calib.x_t, calib.t, c.tokens, c.mask, c.pooled)
-            scores["output_loss"][n] = float((v.float() - full.float()).pow(2).mean())
-    return Ranking(names, {k: scores[k] for k in criteria})
+    for criterion in criteria:
+        if criterion == "io_mse":  # = io_mse() over the batch
+            scores[criterion] = {n: sums["sq"][n] / counts["sq"] for n in names}
+        elif criterion == "bi":  # = block_influence() over the batch
+            scores[criterion] = {n: 1 - sums["cos"][n] / counts["tokens"] for n in names}
+        else:
+            scores[criterion] = {n: sums["skip"][n] / counts["out"] for n in names}
+    return Ranking(names, scores)

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -19,12 +20,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from fewstep.errors import UsageError
+from fewstep.kernels.runtime import resolve_device
 from fewstep.models.flow import interpolate, logit_normal_t
 from fewstep.models.mmdit import MMDiT
 from fewstep.models.pipeline import TextToImage
 from fewstep.training.compress.importance import CRITERIA, Calibration, Ranking, block_names, rank_blocks
 from fewstep.training.compress.losses import feature_kd, output_kd, task_loss
-from fewstep.training.compress.prune import choose_blocks, prune
+from fewstep.training.compress.prune import choose_blocks, parse_keep, prune
 from fewstep.training.data import sample_batch
 from fewstep.training.distill.common import DataSource, DistillRecipe
 from fewstep.training.distill.config import DistillConfig
@@ -40,17 +43,16 @@ class CompressLoss(nn.Module):
         super().__init__()
         self.student, self.sources, self.weights, self.norm = student, sources, weights, norm
 
-    def forward(self, x0, noise, t, cond, v_teacher, f_teacher):
+    def forward(self, x0, noise, t, cond, v_teacher=None, f_teacher=None):
+        """``v_teacher``/``f_teacher`` None: no KD term has weight (the full model was not run)."""
         x_t = interpolate(x0, noise, t)
         v, feats = self.student(x_t, t, cond.tokens, cond.mask, cond.pooled, return_features=True)
-        terms = {
-            "task": task_loss(v, x0, noise),
-            "output_kd": output_kd(v, v_teacher),
-            "feature_kd": feature_kd(feats, f_teacher, self.sources, self.norm),
-        }
-        w = self.weights
-        loss = w["task"] * terms["task"] + w["output_kd"] * terms["output_kd"] + w["feature_kd"] * terms["feature_kd"]
-        return loss, {k: v.detach() for k, v in terms.items()}
+        terms = {"task": task_loss(v, x0, noise)}
+        if v_teacher is not None:
+            terms["output_kd"] = output_kd(v, v_teacher)
+            terms["feature_kd"] = feature_kd(feats, f_teacher, self.sources, self.norm)
+        loss = sum(self.weights[k] * term for k, term in terms.items())
+        return loss, {k: term.detach() for k, term in terms.items()}
 
 
 class CompressRecipe(DistillRecipe):
@@ -73,11 +75,14 @@ class CompressRecipe(DistillRecipe):
 
     def train_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
         x0, noise, t, cond = batch["x0"], batch["noise"], batch["t"], batch["cond"]
+        w = self.lineage["weights"]
+        if not (w["output_kd"] or w["feature_kd"]):  # task loss only: the full model need not run
+            return self.ctx.module(x0, noise, t, cond)
         with torch.no_grad():
             x_t = interpolate(x0, noise, t)
             tr = self.teacher.transformer
             v_t, f_t = tr(x_t, t, cond.tokens, cond.mask, cond.pooled, return_features=True)
-        return self.module(x0, noise, t, cond, v_t, f_t)
+        return self.ctx.module(x0, noise, t, cond, v_t, f_t)  # the DDP-wrapped module: gradients averaged
 
     def export(self, ema: nn.Module, out_dir: Path, info: dict[str, Any]) -> TextToImage:
         return export_compressed(self.teacher, ema.student, out_dir, self.cfg, info, self.lineage)
@@ -125,22 +130,57 @@ def calibration_batch(cfg: DistillConfig, teacher: TextToImage) -> Calibration:
 def rank(cfg: DistillConfig, teacher: TextToImage, out: Path) -> Ranking:
     """Rank the teacher's blocks by every criterion and write OUT/ranking.md and OUT/ranking.json."""
     ranking = rank_blocks(teacher.transformer.eval(), calibration_batch(cfg, teacher), CRITERIA)
-    names = ranking.blocks
-    k = len(names) // 3 if cfg.compress.remove is None else cfg.compress.remove
-    if not dist.is_initialized() or dist.get_rank() == 0:  # every rank ranks (the same batch), one writes
+    k = len(ranking.blocks) // 3 if cfg.compress.remove is None else cfg.compress.remove
+    if _rank0():  # every rank ranks (the same batch), one writes
         out.mkdir(parents=True, exist_ok=True)
         (out / "ranking.json").write_text(ranking.to_json())
         (out / "ranking.md").write_text(f"# Block importance of {teacher.name}\n\n" + ranking.to_markdown(max(1, k)))
     return ranking
 
 
-def run_compress(cfg: DistillConfig, out: Path, teacher: TextToImage) -> list[Path]:
+def _rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def check(cfg: DistillConfig, teacher: TextToImage) -> None:
+    """Everything about the settings that can be wrong, before any data is read or any block is ranked."""
     s = cfg.compress
-    if s.criterion not in CRITERIA and not s.keep:
-        raise ValueError(f"compress.criterion {s.criterion!r}: one of {', '.join(CRITERIA)}")
-    ranking = rank(cfg, teacher, out)
+    if s.criterion not in CRITERIA:
+        raise UsageError(f"compress.criterion: {s.criterion!r} is not one of {', '.join(CRITERIA)}")
+    if s.feature_norm not in ("plain", "per_block"):
+        raise UsageError(f"compress.feature_norm: {s.feature_norm!r} is not plain or per_block")
+    if min(s.task_weight, s.output_weight, s.feature_weight) < 0:
+        raise UsageError("compress: the loss weights must be >= 0")
+    if teacher.transformer.cfg.guidance_embed:
+        raise UsageError(f"{teacher.name} takes the guidance scale as an input; compress its CFG teacher instead")
     names = block_names(teacher.transformer)
+    if s.keep:
+        parse_keep(s.keep, names)
+    elif s.remove is None and len(names) < 3:
+        raise UsageError(f"{teacher.name} has {len(names)} blocks: too few to remove a third; pass --keep")
+
+
+def run_compress(cfg: DistillConfig, out: Path, teacher: TextToImage) -> list[Path]:
+    check(cfg, teacher)
+    s = cfg.compress
+    names = block_names(teacher.transformer)
+    teacher.to(resolve_device(cfg.device, dist.get_rank() if dist.is_initialized() else 0))  # rank where it trains
+    ranking = rank(cfg, teacher, out)
     kept = choose_blocks(names, ranking, s.criterion, s.remove, s.keep)
+    if dist.is_initialized():  # ranks could part ways on a near-tie: rank 0's choice is everyone's
+        shared = [kept]
+        dist.broadcast_object_list(shared, src=0)
+        kept = shared[0]
+    chosen = out / "compress.json"  # a resumed run must train the blocks its state.pt holds, whatever is asked now
+    if chosen.exists():
+        before = json.loads(chosen.read_text())["kept"]
+        if before != kept:
+            raise UsageError(
+                f"{out} was started keeping {', '.join(before)}; these settings keep {', '.join(kept)}: use a new --out"
+            )
+    elif _rank0():
+        out.mkdir(parents=True, exist_ok=True)
+        chosen.write_text(json.dumps({"kept": kept}, indent=2))
     student, sources = prune(teacher.transformer, kept)
     lineage = {
         "source": {"name": teacher.name, "sha256": teacher.weights_sha256()},
@@ -150,6 +190,7 @@ def run_compress(cfg: DistillConfig, out: Path, teacher: TextToImage) -> list[Pa
         "weights": {"task": s.task_weight, "output_kd": s.output_weight, "feature_kd": s.feature_weight},
         "feature_norm": s.feature_norm,
     }
-    print(f"keeping {', '.join(kept)}; removing {', '.join(lineage['removed'])} ({lineage['criterion']})")
+    if _rank0():
+        print(f"keeping {', '.join(kept)}; removing {', '.join(lineage['removed'])} ({lineage['criterion']})")
     train(cfg, CompressRecipe(cfg, teacher, student.train().requires_grad_(True), sources, lineage), out_dir=out)
     return [out / "export"]

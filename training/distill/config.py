@@ -27,9 +27,10 @@ class ProgressiveSettings:
     # student must match two steps of a teacher that is itself a student): give every round the same budget
     round_steps: int | None = None
     # a teacher that takes the guidance scale as an input (guidance distillation, stage 1): w ~ U[min, max] is
-    # given to it and to every round's student, which keeps w as an input (Meng et al. 2023, stage 2)
-    guidance_min: float = 1.0
-    guidance_max: float = 4.0
+    # given to it and to every round's student, which keeps w as an input (Meng et al. 2023, stage 2);
+    # None: the range the teacher was trained on (its card's resolved guidance_range), else [1, 4]
+    guidance_min: float | None = None
+    guidance_max: float | None = None
 
 
 @dataclass(frozen=True)

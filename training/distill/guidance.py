@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fewstep.errors import UsageError
 from fewstep.models.flow import interpolate
 from fewstep.models.pipeline import TextToImage
 from fewstep.training.distill.common import (
@@ -48,10 +49,10 @@ class GuidanceRecipe(DistillRecipe):
     def __init__(self, cfg: DistillConfig, teacher: TextToImage):
         super().__init__(cfg, teacher)
         if teacher.transformer.cfg.guidance_embed:
-            raise ValueError(f"{teacher.name} already takes the guidance scale as an input: nothing to distil")
+            raise UsageError(f"{teacher.name} already takes the guidance scale as an input: nothing to distil")
         s = cfg.guidance
         if not 0 <= s.guidance_min <= s.guidance_max:
-            raise ValueError(f"guidance range [{s.guidance_min}, {s.guidance_max}] is empty or negative")
+            raise UsageError(f"guidance range [{s.guidance_min}, {s.guidance_max}] is empty or negative")
         self.source = DataSource(cfg, teacher)
         self.module = GuidanceLoss(build_student(teacher, guidance_embed=True))
 
@@ -67,7 +68,7 @@ class GuidanceRecipe(DistillRecipe):
         x0, noise, t, cond, w = batch["x0"], batch["noise"], batch["t"], batch["cond"], batch["w"]
         x_t = interpolate(x0, noise, t)
         target = guided_velocity(self.teacher.transformer, x_t, t, cond, self.cond.empty(len(t)), w)
-        return self.module(x_t, t, cond, w, target)
+        return self.ctx.module(x_t, t, cond, w, target)  # the DDP-wrapped module: gradients averaged
 
     def export(self, ema: nn.Module, out_dir: Path, info: dict[str, Any]):
         s, steps = self.cfg.guidance, list(self.cfg.guidance.student_steps) or [self.teacher.sampling.default_steps]

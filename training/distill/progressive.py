@@ -84,16 +84,23 @@ class ProgressiveRound(DistillRecipe):
         batch["t"] = j.float() / self.student_steps
         batch["noise"] = torch.randn(b, *self.teacher.latent_shape, generator=generator)
         if self.w_conditioned:
-            s = self.cfg.progressive
-            batch["w"] = s.guidance_min + (s.guidance_max - s.guidance_min) * torch.rand(b, generator=generator)
+            lo, hi = self.w_range
+            batch["w"] = lo + (hi - lo) * torch.rand(b, generator=generator)
         return batch
+
+    @property
+    def w_range(self) -> tuple[float, float]:
+        """The w a w-conditioned chain trains on: the config's, else the range its teacher learnt."""
+        s, card = self.cfg.progressive, self.teacher.card
+        learnt = (card.training.get("resolved") or {}).get("guidance_range") if card else None
+        lo, hi = learnt or (1.0, 4.0)
+        return (lo if s.guidance_min is None else s.guidance_min, hi if s.guidance_max is None else s.guidance_max)
 
     @property
     def w_conditioned(self) -> bool:
         return bool(self.module.student.cfg.guidance_embed)
 
     def export(self, ema: nn.Module, out_dir: Path, info: dict[str, Any]):
-        s = self.cfg.progressive
         return export_student(
             self.teacher,
             ema.student,
@@ -105,7 +112,7 @@ class ProgressiveRound(DistillRecipe):
             guidance=self.teacher.sampling.guidance if self.w_conditioned else 1.0,
             extra={
                 "round_teacher_steps": self.module.n,
-                **({"guidance_range": [s.guidance_min, s.guidance_max]} if self.w_conditioned else {}),
+                **({"guidance_range": list(self.w_range)} if self.w_conditioned else {}),
             },
         )
 
