@@ -67,9 +67,12 @@ def main() -> int:
         label = f"{ref['model']}, {row['steps']} steps, guidance {ref['guidance']:g}: FD {row['fd']:.1f}"
         reference = {"fd": row["fd"], "label": label}
     classifier = load_classifier(resolve_model(args.classifier, "digits-classifier"))
-    rows = []
+    rows, seen = [], set()
     for ckpt in checkpoints(run):
         card = read_card(ckpt)
+        if card.files["transformer.safetensors"].sha256 in seen:  # the export is the last snapshot: one row
+            continue
+        seen.add(card.files["transformer.safetensors"].sha256)
         # a re-export or another step count is measured afresh
         key = f"{ckpt}|{args.steps}|{card.files['transformer.safetensors'].sha256}"
         if key not in done or done[key]["n"] != args.n:
