@@ -61,10 +61,10 @@ def main() -> int:
     p.add_argument("--out", help="write the table (Markdown) here too")
     args = p.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
-    models = {
-        Path(d).name if Path(d).name != "export" else Path(d).parent.name: TextToImage.load(d) for d in args.models
-    }
-    cards = {n: read_card(d) for n, d in zip(models, args.models, strict=True)}
+    cards = {read_card(d).name: read_card(d) for d in args.models}  # named as their cards name them
+    if len(cards) != len(args.models):
+        raise SystemExit("two of --models have the same name in their cards")
+    models = {name: TextToImage.load(d) for name, d in zip(cards, args.models, strict=True)}
     ms = measure(models, batches, args.rounds, args.repeats)
     ref = next(iter(models))
     head = "| model | blocks (double + single) | " + " | ".join(f"ms, batch {b} | speed-up" for b in batches) + " |"
