@@ -71,7 +71,7 @@ def main() -> int:
         if key not in results:
             model = TextToImage.load(run / "export")
             res = evaluate(model, classifier, [model.sampling.default_steps], n=args.n)
-            results[key] = {"name": name, "steps": card.training["steps"], **res["rows"][0]}
+            results[key] = {"name": name, **res["rows"][0], "optimizer_steps": card.training["steps"]}
             store.write_text(json.dumps(results, indent=2))
     if args.teacher_eval:
         teacher = json.loads(Path(args.teacher_eval).read_text())
@@ -102,7 +102,7 @@ def main() -> int:
         card = read_card(runs / slug(name) / "export")
         r = results[f"{name}|{args.n}|{card.files['transformer.safetensors'].sha256}"]
         lines.append(
-            f"| {name} | {r['steps']} | {100 * r['digit_accuracy']:.1f}% | {100 * r['fg_accuracy']:.1f}% | "
+            f"| {name} | {card.training['steps']} | {100 * r['digit_accuracy']:.1f}% | {100 * r['fg_accuracy']:.1f}% | "
             f"{100 * r['bg_accuracy']:.1f}% | {r['fd']:.1f} | {r['fd'] / t_row['fd']:.2f}× |"
         )
     (out / "ablation.md").write_text("\n".join(lines) + "\n")
