@@ -61,7 +61,7 @@ def main() -> int:
     p.add_argument("--out", help="write the table (Markdown) here too")
     args = p.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
-    cards = {read_card(d).name: read_card(d) for d in args.models}  # named as their cards name them
+    cards = {c.name: c for c in map(read_card, args.models)}  # named as their cards name them
     if len(cards) != len(args.models):
         raise SystemExit("two of --models have the same name in their cards")
     models = {name: TextToImage.load(d) for name, d in zip(cards, args.models, strict=True)}

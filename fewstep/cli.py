@@ -105,31 +105,41 @@ def _distill_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=int, help="bound the optimizer steps (and the data generated for them)")
 
 
-@command("distill", "distil a teacher into a 1-4-step student", _distill_args)
-def _distill(args: argparse.Namespace) -> int:
+def _run_distill(args: argparse.Namespace, method: str, default_out: str, **sections) -> list[Path]:
+    """``fewstep distill`` and ``fewstep compress``: the config, the flags over it, then the run (one process per
+    device under torchrun). ``sections``: replacements inside the method's own config section."""
     from fewstep.paths import resolve_model
     from fewstep.training.config import load_config
     from fewstep.training.distill.config import DistillConfig
-    from fewstep.training.distill.methods import METHODS, distill
+    from fewstep.training.distill.methods import distill
     from fewstep.training.distributed import init_from_env, shutdown
 
-    if args.method not in METHODS:
-        raise UsageError(f"--method must be one of {sorted(METHODS)}, not {args.method!r}")
     cfg = load_config(DistillConfig, args.config, args.set)
     teacher = args.teacher or (cfg.teacher if args.config else None)
-    changes = {"method": args.method, "teacher": str(resolve_model(teacher, "digits-teacher"))}
+    changes = {"method": method, "teacher": str(resolve_model(teacher, "digits-teacher"))}
     if args.out or not args.config:
-        changes["out"] = args.out or f"runs/distill/{args.method}"
+        changes["out"] = args.out or default_out
     if args.max_steps is not None:
         if args.max_steps < 1:
             raise UsageError("--max-steps must be >= 1")
         changes["max_steps"] = args.max_steps
+    if sections:
+        changes[method] = replace(getattr(cfg, method), **sections)
     cfg = replace(cfg, **changes)
     init_from_env(cfg.device)
     try:
-        students = distill(cfg)
+        return distill(cfg)
     finally:
         shutdown()
+
+
+@command("distill", "distil a teacher into a 1-4-step student", _distill_args)
+def _distill(args: argparse.Namespace) -> int:
+    from fewstep.training.distill.methods import METHODS
+
+    if args.method not in METHODS:
+        raise UsageError(f"--method must be one of {sorted(METHODS)}, not {args.method!r}")
+    students = _run_distill(args, args.method, f"runs/distill/{args.method}")
     print("students:", *map(str, students), sep="\n  ")
     return 0
 
@@ -147,32 +157,12 @@ def _compress_args(p: argparse.ArgumentParser) -> None:
 
 @command("compress", "remove transformer blocks, then train the smaller model back with KD", _compress_args)
 def _compress(args: argparse.Namespace) -> int:
-    from fewstep.paths import resolve_model
-    from fewstep.training.config import load_config
-    from fewstep.training.distill.config import DistillConfig
-    from fewstep.training.distill.methods import distill
-    from fewstep.training.distributed import init_from_env, shutdown
-
-    cfg = load_config(DistillConfig, args.config, args.set)
-    teacher = args.teacher or (cfg.teacher if args.config else None)
-    changes = {"method": "compress", "teacher": str(resolve_model(teacher, "digits-teacher"))}
-    if args.out or not args.config:
-        changes["out"] = args.out or "runs/compress"
-    if args.max_steps is not None:
-        if args.max_steps < 1:
-            raise UsageError("--max-steps must be >= 1")
-        changes["max_steps"] = args.max_steps
     section = {"remove": args.remove, "keep": args.keep, "criterion": args.criterion}
     section = {k: v for k, v in section.items() if v is not None}
     if "remove" in section or "keep" in section:  # one replaces the other, whatever the config said
         section = {"remove": None, "keep": None, **section}
-    cfg = replace(cfg, **changes, compress=replace(cfg.compress, **section))
-    init_from_env(cfg.device)  # under torchrun: one process per device, gradients averaged
-    try:
-        (model,) = distill(cfg)
-    finally:
-        shutdown()
-    print(f"compressed model: {model}\nranking: {Path(cfg.out) / 'ranking.md'}")
+    (model,) = _run_distill(args, "compress", "runs/compress", **section)
+    print(f"compressed model: {model}\nranking: {model.parent / 'ranking.md'}")
     return 0
 
 

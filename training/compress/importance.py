@@ -137,17 +137,17 @@ def rank_blocks(model: MMDiT, calib: Calibration, criteria: tuple[str, ...] = CR
         raise ValueError(f"unknown criteria {sorted(unknown)}; known: {', '.join(CRITERIA)}")
     names = block_names(model)
     n_img = calib.x_t.shape[-2] * calib.x_t.shape[-1] // model.cfg.patch_size**2
-    sums = {k: dict.fromkeys(names, 0.0) for k in ("sq", "cos", "skip")}
-    counts = {"sq": 0, "tokens": 0, "out": 0}
+    # per block, each chunk's criterion weighted by its share of the batch: the batch's mean, one chunk in memory
+    sums = {k: dict.fromkeys(names, 0.0) for k in ("io_mse", "bi", "output_loss")}
 
-    def hook(name: str):
+    def hook(name: str, weight: float):
         def reduce(module, args, output):
             if name.startswith("double"):
                 x_in, x_out = args[0], output[0]  # the image stream
             else:
                 x_in, x_out = args[0][:, -n_img:], output[:, -n_img:]  # the image tokens of the joint stream
-            sums["sq"][name] += float((x_out.float() - x_in.float()).pow(2).sum())
-            sums["cos"][name] += float(F.cosine_similarity(x_in.float(), x_out.float(), dim=-1).sum())
+            sums["io_mse"][name] += weight * float(io_mse(x_in, x_out))
+            sums["bi"][name] += weight * float(block_influence(x_in, x_out))
 
         return reduce
 
@@ -156,27 +156,16 @@ def rank_blocks(model: MMDiT, calib: Calibration, criteria: tuple[str, ...] = CR
         x_t, t = calib.x_t[lo : lo + chunk], calib.t[lo : lo + chunk]
         c = calib.cond
         tokens, mask, pooled = c.tokens[lo : lo + chunk], c.mask[lo : lo + chunk], c.pooled[lo : lo + chunk]
-        handles = [b.register_forward_hook(hook(n)) for n, b in zip(names, blocks, strict=True)]
+        weight = len(t) / len(calib.t)
+        handles = [b.register_forward_hook(hook(n, weight)) for n, b in zip(names, blocks, strict=True)]
         try:
             full = model(x_t, t, tokens, mask, pooled)
         finally:
             for h in handles:
                 h.remove()
-        width = model.cfg.hidden_size
-        counts["sq"] += len(t) * n_img * width
-        counts["tokens"] += len(t) * n_img
-        counts["out"] += full.numel()
         if "output_loss" in criteria:
             for n in names:
                 with skipping(model, n):
                     v = model(x_t, t, tokens, mask, pooled)
-                sums["skip"][n] += float((v.float() - full.float()).pow(2).sum())
-    scores: dict[str, dict[str, float]] = {}
-    for criterion in criteria:
-        if criterion == "io_mse":  # = io_mse() over the batch
-            scores[criterion] = {n: sums["sq"][n] / counts["sq"] for n in names}
-        elif criterion == "bi":  # = block_influence() over the batch
-            scores[criterion] = {n: 1 - sums["cos"][n] / counts["tokens"] for n in names}
-        else:
-            scores[criterion] = {n: sums["skip"][n] / counts["out"] for n in names}
-    return Ranking(names, scores)
+                sums["output_loss"][n] += weight * float((v.float() - full.float()).pow(2).mean())
+    return Ranking(names, {criterion: sums[criterion] for criterion in criteria})

@@ -29,14 +29,18 @@ def parse_keep(spec: str, names: list[str]) -> list[str]:
     return sorted(kept, key=names.index)
 
 
+def removal_count(names: list[str], remove: int | None) -> int:
+    """How many blocks go: ``remove``, or by default a third of them (the issue's and BK-SDM's order of magnitude)."""
+    return len(names) // 3 if remove is None else remove
+
+
 def choose_blocks(
     names: list[str], ranking: Ranking | None, criterion: str, remove: int | None, keep: str | None
 ) -> list[str]:
-    """The blocks to keep: an explicit list, else all but the ``remove`` least important by ``criterion``
-    (default: a third of the blocks, the issue's and BK-SDM's order of magnitude)."""
+    """The blocks to keep: an explicit list, else all but the ``removal_count`` least important by ``criterion``."""
     if keep:
         return parse_keep(keep, names)
-    k = len(names) // 3 if remove is None else remove
+    k = removal_count(names, remove)
     if not 0 < k < len(names):
         raise UsageError(f"compress.remove: {k} of {len(names)} blocks; remove at least 1 and keep at least 1")
     if ranking is None or criterion not in ranking.scores:

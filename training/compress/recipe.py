@@ -27,7 +27,7 @@ from fewstep.models.mmdit import MMDiT
 from fewstep.models.pipeline import TextToImage
 from fewstep.training.compress.importance import CRITERIA, Calibration, Ranking, block_names, rank_blocks
 from fewstep.training.compress.losses import feature_kd, output_kd, task_loss
-from fewstep.training.compress.prune import choose_blocks, parse_keep, prune
+from fewstep.training.compress.prune import choose_blocks, parse_keep, prune, removal_count
 from fewstep.training.data import sample_batch
 from fewstep.training.distill.common import DataSource, DistillRecipe
 from fewstep.training.distill.config import DistillConfig
@@ -56,10 +56,18 @@ class CompressLoss(nn.Module):
 
 
 class CompressRecipe(DistillRecipe):
-    def __init__(self, cfg: DistillConfig, teacher: TextToImage, student: MMDiT, sources: list[int], lineage: dict):
+    def __init__(
+        self,
+        cfg: DistillConfig,
+        teacher: TextToImage,
+        student: MMDiT,
+        sources: list[int],
+        lineage: dict,
+        source: DataSource | None = None,
+    ):
         super().__init__(cfg, teacher)
         s = cfg.compress
-        self.source = DataSource(cfg, teacher)
+        self.source = source or DataSource(cfg, teacher)
         self.lineage = lineage
         self.module = CompressLoss(student, sources, lineage["weights"], s.feature_norm)
 
@@ -113,24 +121,22 @@ def export_compressed(
 
 
 @torch.no_grad()
-def calibration_batch(cfg: DistillConfig, teacher: TextToImage) -> Calibration:
+def calibration_batch(cfg: DistillConfig, teacher: TextToImage, source: DataSource) -> Calibration:
     """Real data, noised at times spread evenly over (0, 1) (fixed seed: the ranking is reproducible)."""
     g = torch.Generator().manual_seed(cfg.seed + 12345)
     n = cfg.compress.calibration
-    b = sample_batch(DataSource(cfg, teacher).data, n, g)
+    b = sample_batch(source.data, n, g)
     device = teacher.device
-    ae = teacher.autoencoder
-    images = b.images.to(device)
-    x0 = images if ae is None else ae.encode(images)
+    x0 = source.latents(b.images, device)
     t = ((torch.arange(n) + 0.5) / n).to(device)
     noise = torch.randn(x0.shape, generator=g).to(device)
     return Calibration(interpolate(x0, noise, t), t, teacher.encode_text(b.captions))
 
 
-def rank(cfg: DistillConfig, teacher: TextToImage, out: Path) -> Ranking:
+def rank(cfg: DistillConfig, teacher: TextToImage, out: Path, source: DataSource) -> Ranking:
     """Rank the teacher's blocks by every criterion and write OUT/ranking.md and OUT/ranking.json."""
-    ranking = rank_blocks(teacher.transformer.eval(), calibration_batch(cfg, teacher), CRITERIA)
-    k = len(ranking.blocks) // 3 if cfg.compress.remove is None else cfg.compress.remove
+    ranking = rank_blocks(teacher.transformer.eval(), calibration_batch(cfg, teacher, source), CRITERIA)
+    k = removal_count(ranking.blocks, cfg.compress.remove)
     if _rank0():  # every rank ranks (the same batch), one writes
         out.mkdir(parents=True, exist_ok=True)
         (out / "ranking.json").write_text(ranking.to_json())
@@ -165,7 +171,8 @@ def run_compress(cfg: DistillConfig, out: Path, teacher: TextToImage) -> list[Pa
     s = cfg.compress
     names = block_names(teacher.transformer)
     teacher.to(resolve_device(cfg.device, dist.get_rank() if dist.is_initialized() else 0))  # rank where it trains
-    ranking = rank(cfg, teacher, out)
+    source = DataSource(cfg, teacher)  # read once: the calibration batch and the training batches
+    ranking = rank(cfg, teacher, out, source)
     kept = choose_blocks(names, ranking, s.criterion, s.remove, s.keep)
     if dist.is_initialized():  # ranks could part ways on a near-tie: rank 0's choice is everyone's
         shared = [kept]
@@ -192,5 +199,6 @@ def run_compress(cfg: DistillConfig, out: Path, teacher: TextToImage) -> list[Pa
     }
     if _rank0():
         print(f"keeping {', '.join(kept)}; removing {', '.join(lineage['removed'])} ({lineage['criterion']})")
-    train(cfg, CompressRecipe(cfg, teacher, student.train().requires_grad_(True), sources, lineage), out_dir=out)
+    student = student.train().requires_grad_(True)
+    train(cfg, CompressRecipe(cfg, teacher, student, sources, lineage, source), out_dir=out)
     return [out / "export"]
