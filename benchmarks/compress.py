@@ -26,7 +26,9 @@ def _inputs(model, batch: int):
     x = torch.randn(batch, *model.latent_shape, generator=g)
     t = torch.full((batch,), 0.5)
     cond = model.encode_text(["a red 7 on black"] * batch)
-    return x, t, cond
+    # a guidance-embedded model (a consistency or guidance-distilled student) takes its scale as an input
+    w = torch.full((batch,), model.sampling.guidance) if model.transformer.guidance_in is not None else None
+    return x, t, cond, w
 
 
 @torch.inference_mode()
@@ -36,15 +38,15 @@ def measure(models: dict[str, object], batches: list[int], rounds: int, repeats:
     inputs = {(m, b): _inputs(models[m], b) for m in models for b in batches}
     for name, model in models.items():  # warm up every shape once
         for b in batches:
-            x, t, c = inputs[(name, b)]
-            model.transformer(x, t, c.tokens, c.mask, c.pooled)
+            x, t, c, w = inputs[(name, b)]
+            model.transformer(x, t, c.tokens, c.mask, c.pooled, guidance=w)
     for _ in range(rounds):
         for b in batches:
             for name, model in models.items():
-                x, t, c = inputs[(name, b)]
+                x, t, c, w = inputs[(name, b)]
                 t0 = time.perf_counter()
                 for _ in range(repeats):
-                    model.transformer(x, t, c.tokens, c.mask, c.pooled)
+                    model.transformer(x, t, c.tokens, c.mask, c.pooled, guidance=w)
                 times[(name, b)].append(1000 * (time.perf_counter() - t0) / repeats)
     return {k: statistics.median(v) for k, v in times.items()}
 

@@ -34,6 +34,9 @@ class MMDiT(nn.Module):
         )
         self.final_layer = LastLayer(dim, p * p * cfg.in_channels)
         self._rope_cache: dict[tuple[int, int, int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+        # the scale a guidance-embedded model runs at when a caller passes none: set for a FLUX.1-dev teacher (and the
+        # students copied from it) in recipes that do not vary the scale (training/flux.py); never saved
+        self.default_guidance: float | None = None
 
     @classmethod
     def from_state(cls, cfg: TransformerConfig, state: dict[str, torch.Tensor] | None = None, device="meta") -> MMDiT:
@@ -97,9 +100,15 @@ class MMDiT(nn.Module):
         return_features: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """The transformer on packed tokens: what FluxTransformer2DModel computes (models/flux.py)."""
+        # inputs in the weights' dtype: a bf16 teacher (a Flux pipeline on a GPU) called outside autocast with fp32
+        # latents and text (block ranking, teacher samples) works; a no-op for fp32 models and under autocast
+        dtype = self.img_in.weight.dtype
+        img, txt, pooled = img.to(dtype), txt.to(dtype), pooled.to(dtype)
         img = self.img_in(img)  # (B, Li, D)
         vec = self.time_in(timestep_embedding(t, 256).to(img.dtype)) + self.vector_in(pooled)  # (B, D)
         if self.guidance_in is not None:
+            if guidance is None and self.default_guidance is not None:
+                guidance = torch.full((img.shape[0],), self.default_guidance, device=img.device)
             if guidance is None:
                 raise ValueError("this model embeds the guidance scale: pass guidance")
             g = timestep_embedding(guidance, 256, time_factor=self.cfg.guidance_factor)

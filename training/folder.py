@@ -1,4 +1,5 @@
-"""Your own data: a folder of captioned images, for the autoencoder and teacher stages (``data: folder:PATH``).
+"""Your own data: a folder of captioned images (``data: folder:PATH``), or captions alone (``data: prompts:FILE``,
+one per line: what the data-free methods, reflow and LADD, need of a real model's data).
 
 Captions come from ``metadata.jsonl`` beside the images (one {"file_name": ..., "text": ...} per line, the
 layout Hugging Face's imagefolder uses), or else from a ``NAME.txt`` beside each ``NAME.png`` (the layout
@@ -31,6 +32,29 @@ class CaptionedImages:
         return len(self.captions)
 
 
+@dataclass(frozen=True)
+class Captions:
+    """Prompts without images."""
+
+    captions: list[str]
+    images = None
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+
+def load_prompts(path: str | Path) -> Captions:
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"prompts file {path}: cannot read it ({e})") from None
+    captions = [line.strip() for line in lines if line.strip()]
+    if not captions:
+        raise UsageError(f"prompts file {path}: no prompts (one per line)")
+    return Captions(captions)
+
+
 def _captions(root: Path) -> dict[str, str]:
     meta = root / "metadata.jsonl"
     if meta.exists():
@@ -52,6 +76,14 @@ def _captions(root: Path) -> dict[str, str]:
                 raise UsageError(f"{p}: no caption; add {txt.name} or a metadata.jsonl in {root}")
             out[p.name] = txt.read_text(encoding="utf-8").strip()
     return out
+
+
+def folder_captions(root: str | Path) -> list[str]:
+    """Every caption of a folder (both splits), without reading an image."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UsageError(f"data folder {root} does not exist")
+    return list(_captions(root).values())
 
 
 def _square(path: Path, size: int) -> np.ndarray:

@@ -3,7 +3,7 @@
 A *recipe* (training/recipe.py) supplies a loss module and batches; the loop supplies everything else: AdamW
 with warmup and cosine decay, gradient clipping, EMA weights, bf16 autocast on CUDA, resumable state (the
 recipe's auxiliary networks included), a progress bar with loss and images/s, a JSONL metrics log, a
-wall-clock budget and DistributedDataParallel.
+wall-clock budget, and DistributedDataParallel or FSDP2 (``parallel: fsdp``: the model sharded across processes).
 
 Determinism across world sizes: every rank draws the same *global* batch from a generator seeded by
 (seed, step) and keeps rows rank::world, so N processes compute the same gradient as one process does
@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from fewstep.errors import UsageError
 from fewstep.kernels.runtime import resolve_device
+from fewstep.training import distributed
 from fewstep.training.config import LoopConfig, loop_settings
 from fewstep.training.recipe import Context, Recipe
 
@@ -82,6 +83,9 @@ def train(cfg: LoopConfig, recipe: Recipe, out_dir: str | Path | None = None, qu
     rank, world = _dist_info()
     if cfg.batch_size % world:
         raise UsageError(f"batch_size {cfg.batch_size} must divide by the {world} processes")
+    if cfg.parallel not in ("ddp", "fsdp"):
+        raise UsageError(f"parallel must be ddp or fsdp, not {cfg.parallel!r}")
+    sharded = world > 1 and cfg.parallel == "fsdp"
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     out = Path(out_dir or cfg.out)
@@ -89,7 +93,12 @@ def train(cfg: LoopConfig, recipe: Recipe, out_dir: str | Path | None = None, qu
     module = recipe.module.to(device)
     ema = copy.deepcopy(module).requires_grad_(False).eval()
     wrapped: nn.Module = module
-    if world > 1:
+    template = None
+    if sharded:  # FSDP2 shards the model and its EMA alike (the EMA update is then shard by shard)
+        template = copy.deepcopy(ema).to("meta")  # what a gathered export is loaded into
+        distributed.fully_shard_model(module, device)
+        distributed.fully_shard_model(ema, device)
+    elif world > 1:
         ids = [device.index] if device.type == "cuda" else None
         wrapped = nn.parallel.DistributedDataParallel(module, device_ids=ids)
     ctx = Context(device=device, module=wrapped, world=world, betas=cfg.betas, grad_clip=cfg.grad_clip)
@@ -100,10 +109,15 @@ def train(cfg: LoopConfig, recipe: Recipe, out_dir: str | Path | None = None, qu
     info = RunInfo()
     state_path = out / "state.pt"
     if state_path.exists():
-        state = torch.load(state_path, map_location=device, weights_only=True)
-        module.load_state_dict(state["module"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
+        state = torch.load(state_path, map_location="cpu" if sharded else device, weights_only=True)
+        if sharded:  # a full state (saved gathered), scattered back into this rank's shards
+            distributed.load_full_state(module, state["module"])
+            distributed.load_full_state(ema, state["ema"])
+            distributed.load_optimizer_state(module, opt, state["opt"])
+        else:
+            module.load_state_dict(state["module"])
+            ema.load_state_dict(state["ema"])
+            opt.load_state_dict(state["opt"])
         info = RunInfo(**state["info"])
         for name, aux in ctx.auxiliaries.items():
             if name not in state.get("aux", {}):
@@ -117,12 +131,17 @@ def train(cfg: LoopConfig, recipe: Recipe, out_dir: str | Path | None = None, qu
     log = open(out / "metrics.jsonl", "a") if rank == 0 else None  # noqa: SIM115 (closed after the loop)
 
     def save_state() -> None:
+        if sharded:  # every rank gathers; rank 0 writes the whole model, loadable by any world size
+            weights = (distributed.full_state(module), distributed.full_state(ema))
+            opt_state = distributed.optimizer_state(module, opt)
+        elif rank == 0:
+            weights, opt_state = (module.state_dict(), ema.state_dict()), opt.state_dict()
         if rank != 0:
             return
         state = {
-            "module": module.state_dict(),
-            "ema": ema.state_dict(),
-            "opt": opt.state_dict(),
+            "module": weights[0],
+            "ema": weights[1],
+            "opt": opt_state,
             "info": vars(info),
             "aux": {name: aux.state_dict() for name, aux in ctx.auxiliaries.items()},
         }
@@ -140,6 +159,23 @@ def train(cfg: LoopConfig, recipe: Recipe, out_dir: str | Path | None = None, qu
 
     def run_info() -> dict[str, Any]:
         return {"steps": info.step, "duration_s": round(info.seconds, 1), "images_seen": info.images, **_record(cfg)}
+
+    def snapshot_clock(seconds: float) -> float:
+        """The clock snapshots follow (-inf: none here). Under FSDP2 every rank takes part in an export (it gathers
+        the model), on rank 0's clock, so that all ranks decide alike."""
+        if not cfg.snapshot_minutes or not (sharded or rank == 0):
+            return -math.inf
+        return _rank0_value(seconds, device) if sharded else seconds
+
+    def export(directory: Path) -> None:
+        """The EMA model exported by rank 0; a sharded one is gathered by every rank first."""
+        if sharded:
+            state = distributed.full_state(ema)  # whole on rank 0, empty elsewhere
+            if rank == 0:
+                recipe.export(distributed.unsharded(template, state), directory, run_info())
+        elif rank == 0:
+            recipe.export(ema, directory, run_info())
+            ema.to(device)  # exporting moved it to the CPU
 
     module.train()
     while info.step < cfg.max_steps:
@@ -159,6 +195,8 @@ def train(cfg: LoopConfig, recipe: Recipe, out_dir: str | Path | None = None, qu
             loss, logs = recipe.train_step(batch)  # auxiliaries (if any) are updated inside
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip else torch.tensor(0.0)
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+            grad_norm = grad_norm.full_tensor()
         opt.step()
         decay = min(cfg.ema_decay, (1 + info.step) / (10 + info.step)) if cfg.ema_warmup else cfg.ema_decay
         ema_update(ema, module, decay)
@@ -168,11 +206,12 @@ def train(cfg: LoopConfig, recipe: Recipe, out_dir: str | Path | None = None, qu
         info.seconds = seconds_before + time.time() - start
 
         if info.step % cfg.log_every == 0 or info.step == cfg.max_steps:
+            logged = _global_mean(loss.detach(), world)  # every rank's shard: the loss one process would see
             ips = window_img / max(1e-9, time.time() - window_t)
             window_t, window_img = time.time(), 0
             row = {
                 "step": info.step,
-                "loss": float(loss.detach()),
+                "loss": logged,
                 "lr": lr,
                 "grad_norm": float(grad_norm),
                 "images_per_s": round(ips, 1),
@@ -182,22 +221,22 @@ def train(cfg: LoopConfig, recipe: Recipe, out_dir: str | Path | None = None, qu
             if log:
                 log.write(json.dumps(row) + "\n")
                 log.flush()
-            bar.set_postfix(loss=f"{float(loss.detach()):.4f}", img_s=f"{ips:.0f}")
+            bar.set_postfix(loss=f"{logged:.4f}", img_s=f"{ips:.0f}")
         bar.update(1)
         if info.step % cfg.ckpt_every == 0:
             save_state()
-        if rank == 0 and info.seconds >= next_snapshot:
+        now = snapshot_clock(info.seconds)
+        if now >= next_snapshot:
             began = time.time()
-            recipe.export(ema, out / "snapshots" / f"step-{info.step:06d}", run_info())
-            ema.to(device)  # exporting moved it to the CPU
+            export(out / "snapshots" / f"step-{info.step:06d}")
             start += time.time() - began  # the export is not training time (the curve's minutes, max_minutes)
-            next_snapshot = (math.floor(info.seconds / every_s) + 1) * every_s
+            next_snapshot = (math.floor(now / every_s) + 1) * every_s
     bar.close()
     save_state()
     if log:
         log.close()
+    export(out / "export")
     if rank == 0:
-        recipe.export(ema, out / "export", run_info())
         for aux in ctx.auxiliaries.values():
             if aux.exported:
                 aux.export(out / "auxiliary")
@@ -208,6 +247,14 @@ def train(cfg: LoopConfig, recipe: Recipe, out_dir: str | Path | None = None, qu
 
 def _record(cfg: LoopConfig) -> dict[str, Any]:
     return {"loop": loop_settings(cfg), "settings": cfg.settings_record()}
+
+
+def _global_mean(loss: torch.Tensor, world: int) -> float:
+    if world == 1:
+        return float(loss)
+    t = loss.detach().float().clone()
+    dist.all_reduce(t)
+    return float(t) / world
 
 
 def _rank0_value(value: float, device: torch.device) -> float:

@@ -45,6 +45,7 @@ def test_another_teacher_or_data_is_another_key(tiny_teacher, tmp_path):
     key = SampleKey(teacher.weights_sha256(), 2, 2.0, 0, "synthetic", 6)
     assert SampleKey("0" * 64, 2, 2.0, 0, "synthetic", 6).digest() != key.digest()
     assert SampleKey(teacher.weights_sha256(), 2, 2.0, 0, "digits", 6).digest() != key.digest()
+    assert SampleKey(teacher.weights_sha256(), 2, 2.0, 0, "synthetic", 6, (16, 8, 8)).digest() != key.digest()
 
 
 def test_a_file_under_the_name_but_for_another_key_is_regenerated(tiny_teacher, tmp_path, counted):
@@ -52,7 +53,7 @@ def test_a_file_under_the_name_but_for_another_key_is_regenerated(tiny_teacher, 
     kw = dict(n=4, steps=2, guidance=2.0, directory=tmp_path, data="synthetic", seed=0)
     teacher_samples(teacher, **kw)
     [path] = tmp_path.glob("teacher-samples-*.safetensors")
-    other = SampleKey(teacher.weights_sha256(), 3, 2.0, 0, "synthetic", 4)
+    other = SampleKey(teacher.weights_sha256(), 3, 2.0, 0, "synthetic", 4, tuple(teacher.latent_shape))
     other.path(tmp_path).rename(path) if other.path(tmp_path).exists() else None
     teacher_samples(teacher, **{**kw, "steps": 3})
     other.path(tmp_path).replace(path)  # the steps-3 file now sits under the steps-2 name

@@ -74,6 +74,7 @@ class Calibration:
     x_t: torch.Tensor  # (B, C, H, W) noised data latents
     t: torch.Tensor  # (B,)
     cond: TextCond
+    guidance: torch.Tensor | None = None  # (B,) for a model that embeds the scale (FLUX.1-dev)
 
 
 @dataclass(frozen=True)
@@ -156,16 +157,17 @@ def rank_blocks(model: MMDiT, calib: Calibration, criteria: tuple[str, ...] = CR
         x_t, t = calib.x_t[lo : lo + chunk], calib.t[lo : lo + chunk]
         c = calib.cond
         tokens, mask, pooled = c.tokens[lo : lo + chunk], c.mask[lo : lo + chunk], c.pooled[lo : lo + chunk]
+        g = None if calib.guidance is None else calib.guidance[lo : lo + chunk]
         weight = len(t) / len(calib.t)
         handles = [b.register_forward_hook(hook(n, weight)) for n, b in zip(names, blocks, strict=True)]
         try:
-            full = model(x_t, t, tokens, mask, pooled)
+            full = model(x_t, t, tokens, mask, pooled, guidance=g)
         finally:
             for h in handles:
                 h.remove()
         if "output_loss" in criteria:
             for n in names:
                 with skipping(model, n):
-                    v = model(x_t, t, tokens, mask, pooled)
+                    v = model(x_t, t, tokens, mask, pooled, guidance=g)
                 sums["output_loss"][n] += weight * float((v.float() - full.float()).pow(2).mean())
     return Ranking(names, {criterion: sums[criterion] for criterion in criteria})

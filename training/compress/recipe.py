@@ -29,7 +29,7 @@ from fewstep.training.compress.importance import CRITERIA, Calibration, Ranking,
 from fewstep.training.compress.losses import feature_kd, output_kd, task_loss
 from fewstep.training.compress.prune import choose_blocks, parse_keep, prune, removal_count
 from fewstep.training.data import sample_batch
-from fewstep.training.distill.common import DataSource, DistillRecipe
+from fewstep.training.distill.common import DataSource, DistillRecipe, is_flux
 from fewstep.training.distill.config import DistillConfig
 from fewstep.training.loop import train
 from fewstep.training.teacher import drop_captions
@@ -43,10 +43,10 @@ class CompressLoss(nn.Module):
         super().__init__()
         self.student, self.sources, self.weights, self.norm = student, sources, weights, norm
 
-    def forward(self, x0, noise, t, cond, v_teacher=None, f_teacher=None):
+    def forward(self, x0, noise, t, cond, v_teacher=None, f_teacher=None, guidance=None):
         """``v_teacher``/``f_teacher`` None: no KD term has weight (the full model was not run)."""
         x_t = interpolate(x0, noise, t)
-        v, feats = self.student(x_t, t, cond.tokens, cond.mask, cond.pooled, return_features=True)
+        v, feats = self.student(x_t, t, cond.tokens, cond.mask, cond.pooled, guidance, return_features=True)
         terms = {"task": task_loss(v, x0, noise)}
         if v_teacher is not None:
             terms["output_kd"] = output_kd(v, v_teacher)
@@ -83,24 +83,38 @@ class CompressRecipe(DistillRecipe):
 
     def train_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
         x0, noise, t, cond = batch["x0"], batch["noise"], batch["t"], batch["cond"]
+        g = guidance_input(self.cfg, self.teacher, len(t), t.device)
         w = self.lineage["weights"]
         if not (w["output_kd"] or w["feature_kd"]):  # task loss only: the full model need not run
-            return self.ctx.module(x0, noise, t, cond)
+            return self.ctx.module(x0, noise, t, cond, guidance=g)
         with torch.no_grad():
             x_t = interpolate(x0, noise, t)
             tr = self.teacher.transformer
-            v_t, f_t = tr(x_t, t, cond.tokens, cond.mask, cond.pooled, return_features=True)
-        return self.ctx.module(x0, noise, t, cond, v_t, f_t)  # the DDP-wrapped module: gradients averaged
+            v_t, f_t = tr(x_t, t, cond.tokens, cond.mask, cond.pooled, g, return_features=True)
+        return self.ctx.module(x0, noise, t, cond, v_t, f_t, g)  # the DDP-wrapped module: gradients averaged
 
     def export(self, ema: nn.Module, out_dir: Path, info: dict[str, Any]) -> TextToImage:
         return export_compressed(self.teacher, ema.student, out_dir, self.cfg, info, self.lineage)
+
+
+def guidance_input(cfg: DistillConfig, teacher: TextToImage, n: int, device: torch.device) -> torch.Tensor | None:
+    """The scale a guidance-embedded teacher (FLUX.1-dev) and its compressed copy run at; None for a CFG teacher."""
+    if not teacher.transformer.cfg.guidance_embed:
+        return None
+    w = teacher.sampling.guidance if cfg.compress.guidance is None else cfg.compress.guidance
+    return torch.full((n,), float(w), device=device)
 
 
 def export_compressed(
     teacher: TextToImage, transformer: MMDiT, out_dir: Path, cfg: DistillConfig, info: dict[str, Any], lineage: dict
 ) -> TextToImage:
     """A teacher checkpoint (the full model's text encoder, tokenizer, autoencoder and sampling) around the
-    compressed transformer, its card carrying the lineage."""
+    compressed transformer, its card carrying the lineage; for a Flux teacher a transformer checkpoint and a
+    FluxPipeline folder (training/flux.py)."""
+    if is_flux(teacher):
+        card = {"name": cfg.name, "sampling": teacher.sampling.model_dump(), "data": {"name": cfg.data}}
+        card.update(training={"method": "compress", **info}, compression=lineage)
+        return teacher.export(transformer, out_dir, card, cfg.export_dtype)
     config = replace(teacher.config, transformer=transformer.cfg)
     model = TextToImage(config, teacher.tokenizer, teacher.text_encoder, transformer, teacher.autoencoder)
     model.to("cpu")
@@ -130,7 +144,8 @@ def calibration_batch(cfg: DistillConfig, teacher: TextToImage, source: DataSour
     x0 = source.latents(b.images, device)
     t = ((torch.arange(n) + 0.5) / n).to(device)
     noise = torch.randn(x0.shape, generator=g).to(device)
-    return Calibration(interpolate(x0, noise, t), t, teacher.encode_text(b.captions))
+    g = guidance_input(cfg, teacher, n, device)
+    return Calibration(interpolate(x0, noise, t), t, teacher.encode_text(b.captions), g)
 
 
 def rank(cfg: DistillConfig, teacher: TextToImage, out: Path, source: DataSource) -> Ranking:
@@ -157,8 +172,6 @@ def check(cfg: DistillConfig, teacher: TextToImage) -> None:
         raise UsageError(f"compress.feature_norm: {s.feature_norm!r} is not plain or per_block")
     if min(s.task_weight, s.output_weight, s.feature_weight) < 0:
         raise UsageError("compress: the loss weights must be >= 0")
-    if teacher.transformer.cfg.guidance_embed:
-        raise UsageError(f"{teacher.name} takes the guidance scale as an input; compress its CFG teacher instead")
     names = block_names(teacher.transformer)
     if s.keep:
         parse_keep(s.keep, names)

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fewstep.errors import UsageError
 from fewstep.models.flow import timesteps as make_timesteps
 from fewstep.models.mmdit import MMDiT
 from fewstep.models.pipeline import TextToImage
@@ -20,9 +21,30 @@ from fewstep.training.distill.config import DistillConfig
 from fewstep.training.recipe import Context, RecipeBase
 
 
-def load_teacher(path: str | Path, device: str | torch.device = "cpu") -> TextToImage:
-    """The frozen teacher: a text-to-image checkpoint (a student may teach the next round)."""
+def load_teacher(path: str | Path, device: str | torch.device = "cpu", resolution: int | None = None) -> TextToImage:
+    """The frozen teacher: a text-to-image checkpoint (a student may teach the next round), or a diffusers Flux
+    pipeline folder (training/flux.py: the same interface, its components Flux's)."""
+    from fewstep.training.flux import FluxTeacher, is_pipeline_folder
+
+    if is_pipeline_folder(path):
+        return FluxTeacher(path, resolution, device)
     return TextToImage.load(path, device)
+
+
+def is_flux(teacher: Any) -> bool:
+    return bool(getattr(teacher, "is_flux", False))
+
+
+def load_exported(teacher: TextToImage, directory: Path) -> MMDiT:
+    """The transformer a run exported (a phase or round's student, to train on), at the teacher's default
+    embedded scale where it runs at one (training/flux.py)."""
+    from fewstep.models.convert import load_transformer
+
+    if not is_flux(teacher):
+        return TextToImage.load(directory).transformer
+    tf = load_transformer(directory)
+    tf.default_guidance = teacher.transformer.default_guidance
+    return tf
 
 
 def build_student(teacher: TextToImage, guidance_embed: bool = False) -> MMDiT:
@@ -35,12 +57,15 @@ def build_student(teacher: TextToImage, guidance_embed: bool = False) -> MMDiT:
     if not guidance_embed or src.cfg.guidance_embed:
         student = copy.deepcopy(src)
     else:
-        student = MMDiT(replace(src.cfg, guidance_embed=True), teacher.config.text.dim, src.latent_size)
+        student = MMDiT(replace(src.cfg, guidance_embed=True), src.txt_in.in_features, src.latent_size)
         missing, unexpected = student.load_state_dict(src.state_dict(), strict=False)
         assert not unexpected and all(k.startswith("guidance_in.") for k in missing)
         nn.init.zeros_(student.guidance_in.out_layer.weight)
         nn.init.zeros_(student.guidance_in.out_layer.bias)
-    return student.train().requires_grad_(True)
+    if guidance_embed:
+        student.default_guidance = None  # the recipe passes the scale it trains on (LCM's w)
+    # fp32 master weights under bf16 autocast, whatever the frozen teacher's dtype (a Flux teacher is bf16 on GPUs)
+    return student.float().train().requires_grad_(True)
 
 
 def teacher_guidance(cfg: DistillConfig, teacher: TextToImage) -> float:
@@ -75,7 +100,11 @@ def velocity(net: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: TextCond, g
 def guided_velocity(
     net: MMDiT, x: torch.Tensor, t: torch.Tensor, cond: TextCond, empty: TextCond, w: torch.Tensor | float
 ) -> torch.Tensor:
-    """Teacher velocity with CFG, v_u + w·(v_c − v_u); ``w`` may differ per sample (LCM's w ~ U[a, b])."""
+    """Teacher velocity with CFG, v_u + w·(v_c − v_u); ``w`` may differ per sample (LCM's w ~ U[a, b]). A teacher
+    that embeds the scale (FLUX.1-dev, a guidance-distilled model) takes w as its input in one pass instead."""
+    if net.cfg.guidance_embed:
+        g = torch.as_tensor(w, device=x.device, dtype=torch.float32).reshape(-1).expand(x.shape[0])
+        return velocity(net, x, t, cond, guidance=g)
     w = torch.as_tensor(w, device=x.device, dtype=x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
     if bool((w == 1).all()):
         return velocity(net, x, t, cond)
@@ -89,7 +118,12 @@ class DataSource:
 
     def __init__(self, cfg: DistillConfig, teacher: TextToImage):
         self.cfg, self.teacher = cfg, teacher
-        self.data = load_data(cfg.data, "train")
+        self.data = load_data(cfg.data, "train", teacher.sizes.width)
+        if getattr(self.data, "images", None) is None:
+            raise UsageError(
+                f"--method {cfg.method} trains on noised images, and data {cfg.data!r} holds captions only: give an "
+                "image-caption folder (folder:PATH); reflow and ladd learn from the teacher's samples (prompts:FILE)"
+            )
 
     def draw(self, n: int, generator: torch.Generator) -> dict[str, Any]:
         b = sample_batch(self.data, n, generator)
@@ -155,9 +189,6 @@ def export_student(
     ``info`` is what the loop reports (steps, duration, the loop's and the method's settings); ``extra`` adds
     values the recipe resolved (the teacher's CFG scale it used, the Huber constant, ...); ``consistency`` is
     (sigma_data, boundary_scale) for a consistency-parameterised student."""
-    config = replace(teacher.config, transformer=transformer.cfg)
-    student = TextToImage(config, teacher.tokenizer, teacher.text_encoder, transformer, teacher.autoencoder)
-    student.to("cpu")
     grids = grids or {s: make_timesteps(s) for s in steps}
     card = {
         "name": cfg.name,
@@ -177,6 +208,11 @@ def export_student(
     }
     if consistency is not None:
         card["sampling"].update(sigma_data=consistency[0], boundary_scale=consistency[1])
+    if is_flux(teacher):  # a transformer checkpoint and a FluxPipeline folder (training/flux.py)
+        return teacher.export(transformer, out_dir, card, cfg.export_dtype)
+    config = replace(teacher.config, transformer=transformer.cfg)
+    student = TextToImage(config, teacher.tokenizer, teacher.text_encoder, transformer, teacher.autoencoder)
+    student.to("cpu")
     student.save(out_dir, card, dtype=cfg.export_dtype, overwrite=True)
     teacher.to(teacher.device)  # export moved the shared modules to the CPU
     print(f"student exported to {out_dir} (steps {steps})")

@@ -108,6 +108,9 @@ class CompressSettings:
     feature_weight: float = 1.0  # feature KD: each kept block's output against the full model's same block
     feature_norm: str = "plain"  # plain: MSE per block (BK-SDM); per_block: MSE / the block's mean square
     caption_dropout: float = 0.1  # as the teacher trained, so classifier-free guidance still works
+    # a teacher that embeds the guidance scale (FLUX.1-dev): the scale both models are run at (Flux-Mini: 4);
+    # None: the teacher's default
+    guidance: float | None = None
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,8 @@ class DistillConfig(LoopConfig):
     method: str = "consistency"  # progressive | consistency | reflow | dmd2 | ladd | guidance | compress
     teacher: str = "zoo/digits-teacher"
     teacher_guidance: float | None = None  # CFG scale of the teacher's targets; None: the teacher card's
+    # a Flux pipeline teacher (training/flux.py): the training image side; None: its fewstep.json width, else 512
+    resolution: int | None = None
     name: str = "digits-student"
     out: str = "runs/distill"
     lr: float = 1e-4  # students start from the teacher: fine-tuning rates, not training-from-scratch ones

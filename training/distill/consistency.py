@@ -50,6 +50,8 @@ class ConsistencyRecipe(DistillRecipe):
 
     def setup(self, ctx: Context) -> None:
         super().setup(ctx)
+        if ctx.world > 1 and self.cfg.parallel == "fsdp":
+            raise UsageError("consistency keeps a full EMA target network beside the student: use parallel: ddp")
         # θ⁻: the EMA target network, tracked (not optimised) and resumed with the run
         self.target = ctx.auxiliary("target", copy.deepcopy(self.module))
 

@@ -69,7 +69,7 @@ class DMD2Recipe(DistillRecipe):
 
     def setup(self, ctx: Context) -> None:
         super().setup(ctx)
-        fake = FakeScore(copy.deepcopy(self.teacher.transformer))
+        fake = FakeScore(copy.deepcopy(self.teacher.transformer).float())  # trained: fp32 weights, as the student
         self.fake = ctx.auxiliary("fake_score", fake, lr=self.s.fake_lr or self.cfg.lr, export=True)
 
     def make_batch(self, generator: torch.Generator) -> dict[str, Any]:

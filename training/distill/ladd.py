@@ -82,7 +82,9 @@ class LADDRecipe(DistillRecipe):
         self.module = build_student(teacher)
         tf = teacher.transformer
         self.times = sorted({t for s in self.s.student_steps for t in timesteps(s)[:-1]}, reverse=True)
-        self._heads = Heads(tf.cfg.depth_double + tf.cfg.depth_single, tf.cfg.hidden_size, teacher.config.text.dim)
+        self._heads = Heads(
+            tf.cfg.depth_double + tf.cfg.depth_single, tf.cfg.hidden_size, tf.vector_in.in_layer.in_features
+        )
 
     def setup(self, ctx: Context) -> None:
         super().setup(ctx)

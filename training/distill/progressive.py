@@ -24,6 +24,7 @@ from fewstep.training.distill.common import (
     DistillRecipe,
     export_student,
     guided_velocity,
+    load_exported,
     teacher_guidance,
     velocity,
 )
@@ -68,7 +69,8 @@ class ProgressiveRound(DistillRecipe):
         super().__init__(cfg, teacher)
         self.source = DataSource(cfg, teacher)
         self.student_steps = teacher_steps // 2
-        student = copy.deepcopy(round_teacher).train().requires_grad_(True)
+        student = copy.deepcopy(round_teacher).float().train().requires_grad_(True)  # a bf16 Flux teacher: fp32
+        student.default_guidance = None  # a w-conditioned chain passes w (FLUX.1-dev's teacher included)
         self.module = ProgressiveLoss(
             student, round_teacher.eval().requires_grad_(False), teacher_steps, guidance, self.cond.empty
         )
@@ -131,6 +133,6 @@ def run_progressive(cfg: DistillConfig, out: Path, teacher: TextToImage) -> list
         train(round_cfg, recipe, out_dir=round_dir)
         exported.append(round_dir / "export")
         # the EMA student teaches next; loaded on the CPU, moved to the run's device by ProgressiveRound.setup
-        round_teacher = TextToImage.load(round_dir / "export").transformer
+        round_teacher = load_exported(teacher, round_dir / "export")
         guidance, n = 1.0, n // 2  # CFG is distilled into the first student
     return exported

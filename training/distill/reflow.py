@@ -18,7 +18,14 @@ from torch import nn
 
 from fewstep.models.flow import interpolate, logit_normal_t, timesteps
 from fewstep.models.pipeline import TextToImage
-from fewstep.training.distill.common import DistillRecipe, build_student, export_student, teacher_guidance, velocity
+from fewstep.training.distill.common import (
+    DistillRecipe,
+    build_student,
+    export_student,
+    load_exported,
+    teacher_guidance,
+    velocity,
+)
 from fewstep.training.distill.config import DistillConfig
 from fewstep.training.distill.teacher_data import TeacherSamples, teacher_samples
 from fewstep.training.loop import train
@@ -93,7 +100,7 @@ def run_reflow(cfg: DistillConfig, out: Path, teacher: TextToImage) -> list[Path
     # 2) distil the reflowed flow to the grids of the step counts it will serve
     steps = sorted(s.student_steps)
     times = sorted({t for k in steps for t in timesteps(k)[:-1]}, reverse=True)
-    reflowed = TextToImage.load(out / "reflow" / "export").transformer.train().requires_grad_(True)
+    reflowed = load_exported(teacher, out / "reflow" / "export").float().train().requires_grad_(True)
     dist_cfg = replace(cfg, max_steps=distill_steps)
     phase2 = ReflowPhase(dist_cfg, teacher, pairs, reflowed, times, steps)
     train(dist_cfg, phase2, out_dir=out / "distill")

@@ -37,6 +37,7 @@ class SampleKey:
     seed: int
     data: str
     n: int
+    latent_shape: tuple[int, ...] = ()  # a Flux teacher's depends on the training resolution
     format: int = FORMAT
 
     def digest(self) -> str:
@@ -71,7 +72,7 @@ def teacher_samples(
     batch_size: int = 128,
 ) -> TeacherSamples:
     """n (noise, teacher sample) latent pairs for captions drawn like the training data; cached by key."""
-    key = SampleKey(teacher.weights_sha256(), steps, float(guidance), seed, data, n)
+    key = SampleKey(teacher.weights_sha256(), steps, float(guidance), seed, data, n, tuple(teacher.latent_shape))
     path = key.path(directory)
     if path.exists():
         cached = _read(path, key)
