@@ -109,6 +109,7 @@ class FluxTeacher:
         self.resolution = side
         self.max_sequence_length = (self.spec.max_sequence_length if self.spec else None) or 512
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._grids: dict[int, list[float]] = {}
         self._encoders_offloaded = False
         self.to(device)
 
@@ -151,7 +152,9 @@ class FluxTeacher:
     def grid(self, steps: int) -> list[float]:
         """FluxPipeline's sigmas for ``steps`` at the training resolution (served_grid): the teacher's data and
         targets are sampled on the schedule it is served with."""
-        return served_grid(self.folder, steps, self.resolution)
+        if steps not in self._grids:  # read from the folder's scheduler once per step count
+            self._grids[steps] = served_grid(self.folder, steps, self.resolution)
+        return self._grids[steps]
 
     def supports(self, steps: int) -> bool:
         return 1 <= steps <= self.sampling.max_steps
