@@ -23,6 +23,11 @@ def init_from_env(device: str = "auto") -> bool:
     return True
 
 
+def rank() -> int:
+    """This process's rank under torchrun, 0 otherwise."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def fully_shard_model(module: nn.Module, device: torch.device) -> None:
     """FSDP2 (``torch.distributed.fsdp.fully_shard``) in place: each transformer block its own unit (its weights
     gathered just before it runs and freed after), then the rest. On CUDA parameters are gathered in bf16 and

@@ -39,6 +39,7 @@ from fewstep.models.flux import describe, mmdit_state_from_folder, write_diffuse
 from fewstep.models.mmdit import MMDiT
 from fewstep.models.sizes import Sizes
 from fewstep.models.text import TextCond
+from fewstep.training.distributed import rank
 
 CACHE_FILE = "text-embeddings.safetensors"
 
@@ -201,7 +202,7 @@ class FluxTeacher:
         todo = [p for p in unique if p not in self._cache]
         for lo in tqdm(range(0, len(todo), 64), desc="text embeddings (CLIP + T5, once)", unit="batch"):
             self._encode(todo[lo : lo + 64])
-        if path is not None and todo and _rank() == 0:  # under torchrun every rank encodes, rank 0 keeps the file
+        if path is not None and todo and rank() == 0:  # under torchrun every rank encodes, rank 0 keeps the file
             names = sorted(self._cache)
             tensors = {}
             for i, p in enumerate(names):
@@ -357,12 +358,6 @@ def served_grid(folder: Path, steps: int, resolution: int) -> list[float]:
 
 def _close(a: list[float], b: list[float]) -> bool:
     return len(a) == len(b) and max(abs(x - y) for x, y in zip(a, b, strict=True)) <= 1e-6
-
-
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def _link_or_copy(src: str | Path, dst: str | Path) -> None:

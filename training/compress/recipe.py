@@ -25,6 +25,7 @@ from fewstep.kernels.runtime import resolve_device
 from fewstep.models.flow import interpolate, logit_normal_t
 from fewstep.models.mmdit import MMDiT
 from fewstep.models.pipeline import TextToImage
+from fewstep.training import distributed
 from fewstep.training.compress.importance import CRITERIA, Calibration, Ranking, block_names, rank_blocks
 from fewstep.training.compress.losses import feature_kd, output_kd, task_loss
 from fewstep.training.compress.prune import choose_blocks, parse_keep, prune, removal_count
@@ -160,7 +161,7 @@ def rank(cfg: DistillConfig, teacher: TextToImage, out: Path, source: DataSource
 
 
 def _rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
+    return distributed.rank() == 0
 
 
 def check(cfg: DistillConfig, teacher: TextToImage) -> None:
@@ -183,7 +184,7 @@ def run_compress(cfg: DistillConfig, out: Path, teacher: TextToImage) -> list[Pa
     check(cfg, teacher)
     s = cfg.compress
     names = block_names(teacher.transformer)
-    teacher.to(resolve_device(cfg.device, dist.get_rank() if dist.is_initialized() else 0))  # rank where it trains
+    teacher.to(resolve_device(cfg.device, distributed.rank()))  # the device of the rank where it trains
     source = DataSource(cfg, teacher)  # read once: the calibration batch and the training batches
     ranking = rank(cfg, teacher, out, source)
     kept = choose_blocks(names, ranking, s.criterion, s.remove, s.keep)

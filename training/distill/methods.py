@@ -18,6 +18,7 @@ from fewstep.models.pipeline import TextToImage
 from fewstep.training.data import data_captions
 from fewstep.training.distill.common import is_flux, load_teacher
 from fewstep.training.distill.config import DistillConfig
+from fewstep.training.distributed import rank
 from fewstep.training.loop import train
 
 Runner = Callable[[DistillConfig, Path, TextToImage], list[Path]]
@@ -90,16 +91,10 @@ def distill(cfg: DistillConfig, teacher: TextToImage | None = None) -> list[Path
         raise UsageError(f"unknown method {cfg.method!r}; known: {sorted(METHODS)}")
     torch.manual_seed(cfg.seed)
     if teacher is None:
-        teacher = load_teacher(cfg.teacher, resolve_device(cfg.device, _rank()), cfg.resolution)
+        teacher = load_teacher(cfg.teacher, resolve_device(cfg.device, rank()), cfg.resolution)
     if is_flux(teacher) and teacher.transformer.cfg.guidance_embed and cfg.teacher_guidance is not None:
         teacher.transformer.default_guidance = cfg.teacher_guidance  # the scale the recipe's targets are made at
     captions = data_captions(cfg.data) if is_flux(teacher) else None
     if captions is not None:  # every caption encoded once by CLIP + T5, kept in OUT (a resumed run reads them back)
         teacher.precompute(captions, Path(cfg.out))
     return METHODS[cfg.method](cfg, Path(cfg.out), teacher)
-
-
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
