@@ -48,8 +48,8 @@ class Server:
             "--log-level",
             "warning",
         ]
-        for k, v in flags.items():
-            cmd += [f"--{k.replace('_', '-')}", str(v)]
+        for k, v in flags.items():  # a value of None: a bare flag (--no-step-scheduling)
+            cmd += [f"--{k.replace('_', '-')}", *([] if v is None else [str(v)])]
         self.proc = subprocess.Popen(cmd)
 
     def __enter__(self) -> Server:

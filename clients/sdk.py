@@ -18,7 +18,7 @@ import io
 import socket
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 
@@ -62,6 +62,7 @@ class GenerateResult:
     fallback_reason: str | None
     timings: Timings
     request_id: str | None
+    auto: dict[str, Any] | None = None  # steps="auto": the latency target, the prediction, every candidate
 
     @classmethod
     def from_response(cls, response: httpx.Response) -> GenerateResult:
@@ -74,13 +75,17 @@ class GenerateResult:
             fallback_reason=body["fallback_reason"],
             timings=Timings(**body["timings"]),
             request_id=response.headers.get("x-request-id"),
+            auto=body.get("auto"),
         )
 
 
-def _payload(prompt: str, steps, n, seed, guidance, model, output_format, quality, width, height) -> dict[str, Any]:
+def _payload(
+    prompt: str, steps, n, seed, guidance, model, output_format, quality, width, height, latency_slo_ms=None
+) -> dict[str, Any]:
     body = {"prompt": prompt, "n": n, "output_format": output_format}
     for key, value in (
         ("steps", steps),
+        ("latency_slo_ms", latency_slo_ms),
         ("seed", seed),
         ("guidance", guidance),
         ("model", model),
@@ -146,7 +151,7 @@ class FewstepClient:
     def generate(
         self,
         prompt: str,
-        steps: int | None = None,
+        steps: int | Literal["auto"] | None = None,
         n: int = 1,
         seed: int | None = None,
         guidance: float | None = None,
@@ -155,8 +160,11 @@ class FewstepClient:
         quality: str | None = None,
         width: int | None = None,
         height: int | None = None,
+        latency_slo_ms: float | None = None,
     ) -> GenerateResult:
-        body = _payload(prompt, steps, n, seed, guidance, model, output_format, quality, width, height)
+        """``steps="auto"``: the server serves the most steps it predicts to finish within ``latency_slo_ms``
+        (default: its own target); ``result.auto`` says what it chose."""
+        body = _payload(prompt, steps, n, seed, guidance, model, output_format, quality, width, height, latency_slo_ms)
         return GenerateResult.from_response(self._request("POST", "/v1/generate", json=body))
 
     def models(self) -> list[dict[str, Any]]:
@@ -209,7 +217,7 @@ class AsyncFewstepClient:
     async def generate(
         self,
         prompt: str,
-        steps: int | None = None,
+        steps: int | Literal["auto"] | None = None,
         n: int = 1,
         seed: int | None = None,
         guidance: float | None = None,
@@ -218,8 +226,11 @@ class AsyncFewstepClient:
         quality: str | None = None,
         width: int | None = None,
         height: int | None = None,
+        latency_slo_ms: float | None = None,
     ) -> GenerateResult:
-        body = _payload(prompt, steps, n, seed, guidance, model, output_format, quality, width, height)
+        """``steps="auto"``: the server serves the most steps it predicts to finish within ``latency_slo_ms``
+        (default: its own target); ``result.auto`` says what it chose."""
+        body = _payload(prompt, steps, n, seed, guidance, model, output_format, quality, width, height, latency_slo_ms)
         return GenerateResult.from_response(await self._request("POST", "/v1/generate", json=body))
 
     async def models(self) -> list[dict[str, Any]]:

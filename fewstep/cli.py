@@ -357,10 +357,24 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 # ---- generate --------------------------------------------------------------------------------------------
+def _steps_arg(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{value!r} is not an integer or "auto"') from None
+
+
 def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt")
     p.add_argument("--url", default="http://127.0.0.1:8000", help="server URL (default %(default)s)")
-    p.add_argument("--steps", type=int)
+    p.add_argument(
+        "--steps",
+        type=_steps_arg,
+        help='sampling steps, or "auto": the most steps the server predicts to meet --latency-slo-ms',
+    )
+    p.add_argument("--latency-slo-ms", type=float, help="with --steps auto: the latency target (default: the server's)")
     p.add_argument("-n", type=int, default=1, help="images")
     p.add_argument("--seed", type=int)
     p.add_argument("--model")
@@ -401,6 +415,7 @@ def _generate(args: argparse.Namespace) -> int:
                 output_format=args.format,
                 width=args.width,
                 height=args.height,
+                latency_slo_ms=args.latency_slo_ms,
             )
     except FewstepError as e:
         raise UsageError(f"server said {e.status}: {e.message}") from None
@@ -410,6 +425,9 @@ def _generate(args: argparse.Namespace) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(image.data)
     fallback = f", fallback: {result.fallback_reason}" if result.fallback_reason else ""
+    if result.auto:
+        a = result.auto
+        fallback += f" (steps auto: predicted {a['predicted_ms']:.0f} ms for a {a['latency_slo_ms']:.0f} ms target)"
     t = result.timings
     print(
         f"wrote {', '.join(map(str, paths))}: served by {result.served_by} in {result.steps} steps{fallback}; "

@@ -209,6 +209,12 @@ class TextToImage:
             return sample_euler(fn, noise, grid)
         return sample_x0(self.denoiser(fn), noise, grid, seeds)
 
+    def inflight(self, steps: int | None = None, guidance: float | None = None):
+        """A batch for ``steps`` sampled one step at a time, rows joining at step boundaries (models/inflight.py)."""
+        from fewstep.models.inflight import InFlight
+
+        return InFlight(self, self.sampling.default_steps if steps is None else steps, guidance)
+
     def denoiser(self, velocity_fn):
         """The x0 estimate the x0 sampler steps with: x − t·v, or the consistency function f(x, t)."""
         form = self.card.parameterization if self.card is not None else "velocity"

@@ -7,10 +7,17 @@ job. Admission counts work, not requests: a job costs images × steps × the mod
 (and ``queue_size`` jobs). Scheduling: the next batch starts from the queued job with the earliest
 *arrival + estimated cost*, so a 1-step request that arrives behind a long teacher request overtakes it, while
 the expensive job still runs once the cheap arrivals that would finish before it are served: nothing starves
-(docs/api.md, "Admission and scheduling"). A running batch is not interrupted (step-level preemption is not
-built). The batcher groups queued jobs with the same (model, steps, guidance, size) into batches of at most
-max_batch images, waiting at most max_wait_ms for a batch to fill when requests arrive in a burst, and runs one
-batch at a time on the device's executor thread, so the event loop never blocks on the model.
+(docs/api.md, "Admission and scheduling"). The batcher groups queued jobs with the same (model, steps,
+guidance, size) into batches of at most max_batch images, waiting at most max_wait_ms for a batch to fill when
+requests arrive in a burst, and runs the device's work on its executor thread, so the event loop never blocks on
+the model.
+
+Step-level scheduling (``step_scheduling``, on by default): many-step work (more than STEPWISE_MIN_STEPS steps
+on a model that can sample step by step: models/inflight.py) runs as a *running batch*, one model evaluation per
+slice of device time. Between two of its steps the batcher runs one whole student batch, so a 1-step request
+waits for at most one teacher step, not a whole teacher batch; and queued jobs of the same key join the running
+batch at the next step boundary (continuous batching), each row at its own position on the time grid, so the
+teacher's batches stay full. Student and teacher slices alternate when both have work: neither starves.
 
 Supervision: an error anywhere in a batch fails that batch's requests only; the batcher task is restarted if
 it ever ends, and /readyz says "unavailable" until it runs again.
@@ -31,14 +38,16 @@ import torch
 from PIL import Image
 
 from fewstep.models.images import to_pil
+from fewstep.models.inflight import InFlight
 from fewstep.server.breaker import CircuitBreaker
 from fewstep.server.metrics import Metrics
 from fewstep.server.registry import Registry, ServedModel
-from fewstep.server.routing import Decision, ModelView, Snapshot, readiness, route
+from fewstep.server.routing import Decision, ModelView, RouteError, Snapshot, readiness, route
 from fewstep.server.settings import ServeSettings
 
 log = logging.getLogger("fewstep.server")
 DEFAULT_COST_S = 0.02  # seconds per image-step before a model's first measurement (a CPU student's order)
+STEPWISE_MIN_STEPS = 4  # jobs with more steps than this run step by step (a student's 1-4 run as one slice)
 
 
 class QueueFull(Exception):
@@ -67,6 +76,7 @@ class Job:
     enqueued: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
     future: asyncio.Future | None = None
+    started: float | None = None  # when it joined a running batch (step-level scheduling)
 
     @property
     def key(self) -> tuple[str, int, float | None, tuple[int, int] | None]:
@@ -102,6 +112,40 @@ def device_executor() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="fewstep-device")
 
 
+@dataclass(eq=False)
+class Running:
+    """A batch sampled one step at a time (step-level scheduling): its key, model, rows and their jobs."""
+
+    key: tuple
+    entry: ServedModel
+    batch: InFlight | None = None  # made on the executor thread at the first step
+    jobs: dict[int, Job] = field(default_factory=dict)  # id(job) -> job
+    peak: dict[int, int] = field(default_factory=dict)  # id(job) -> the most rows a step of it computed
+
+    def rows(self, engine: Engine) -> int:
+        """Rows its next steps compute: its jobs' and the queued jobs that will join it (up to max_batch)."""
+        queued = sum(len(j.seeds) for j in engine.queue if j.key == self.key)
+        mine = sum(len(j.seeds) for j in self.jobs.values())
+        return max(mine, min(engine.settings.max_batch, mine + queued))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What steps: "auto" chose, and what it predicted for every candidate (best first)."""
+
+    decision: Decision
+    predicted_s: float
+    candidates: list[tuple[Decision, float]]
+
+
+def _settle(job: Job, outcome: Result | BaseException) -> None:
+    if job.future is not None and not job.future.done():
+        if isinstance(outcome, BaseException):
+            job.future.set_exception(outcome)
+        else:
+            job.future.set_result(outcome)
+
+
 class Engine:
     def __init__(
         self, registry: Registry, settings: ServeSettings, metrics: Metrics, executor: ThreadPoolExecutor | None = None
@@ -115,7 +159,11 @@ class Engine:
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._warm_task: asyncio.Task | None = None
-        self._running: asyncio.Future | None = None  # the batch on the executor now
+        self._running: asyncio.Future | None = None  # the slice of work on the executor now
+        self.running: list[Running] = []  # batches sampled step by step (step-level scheduling)
+        self._owe_step = False  # a whole batch just ran: the running batches get the next slice
+        self._turn = 0  # round-robin over the running batches
+        self._whole_ends = 0.0  # when the whole batch on the device now is estimated to end
         self._stopping = False
         self.batcher_restarts = 0
         self.warmed_up = False
@@ -154,13 +202,14 @@ class Engine:
         queued with 503 and stop (a batch still running is abandoned: lifecycle.Deadlines answers its requests
         at the drain deadline). Never blocks the event loop."""
         deadline = time.perf_counter() + (self.settings.request_timeout_s if deadline_s is None else deadline_s)
-        while (self.queue or self._running is not None) and time.perf_counter() < deadline:
+        while (self.queue or self.running or self._running is not None) and time.perf_counter() < deadline:
             await asyncio.sleep(0.01)
         self._stopping = True
-        for job in self.queue:
+        for job in [*self.queue, *(j for run in self.running for j in run.jobs.values())]:
             if job.future is not None and not job.future.done():
                 job.future.set_exception(NotServable("the server is shutting down"))
         self.queue.clear()
+        self.running.clear()
         for task in (self._warm_task, self._task):
             if task is not None and not task.done():
                 task.cancel()
@@ -237,6 +286,48 @@ class Engine:
             return 1.0
         return size[0] * size[1] / (entry.sizes.width * entry.sizes.height)
 
+    def predict_s(self, model: str, images: int, steps: int, size: tuple[int, int] | None = None) -> float:
+        """Seconds until a job submitted now would complete (steps: "auto"): the queued work scheduled before it
+        (earlier arrival + cost), the running batches' steps it shares the device with, and its own cost, all from
+        the measured seconds per image-step. A whole batch waits for one step of each running batch; step-wise
+        work shares every round of steps with them (its rows join a running batch of the same key)."""
+        own = self.estimate_s(model, images, steps, size)
+        now = time.perf_counter()
+        ahead = sum(j.cost_s for j in self.queue if j.priority <= now + own) + max(0.0, self._whole_ends - now)
+        one_round = sum(run.rows(self) * self.cost_s.get(run.entry.name, DEFAULT_COST_S) for run in self.running)
+        if not self._stepwise_for(model, steps, size):
+            return ahead + one_round + own
+        return ahead + own + steps * one_round
+
+    def plan_auto(
+        self, model: str | None, images: int, slo_s: float, guidance: float | None = None,
+        size: tuple[int, int] | None = None,
+    ) -> Plan:  # fmt: skip
+        """steps: "auto": the best step count whose predicted completion meets ``slo_s``. Candidates, best first:
+        the teacher at its default steps, then each step count a healthy student serves, most steps first
+        (routing decides who serves each, as for an explicit count); the first that fits is chosen, else the
+        fastest. Raises routing.RouteError when nothing can serve."""
+        snap = self.snapshot()
+        decisions = [route(snap, model, None, True, guidance)] if self._teacher_of(snap, model) else []
+        counts = sorted({s for m in snap.models.values() if m.role == "student" and m.healthy for s in m.serves})
+        for steps in reversed(counts):
+            with contextlib.suppress(RouteError):
+                d = route(snap, model, steps, False, guidance)
+                if d.reason is None and d not in decisions:
+                    decisions.append(d)
+        if not decisions:
+            decisions = [route(snap, model, None, False, guidance)]
+        candidates = [(d, self.predict_s(d.model, images, d.steps, size)) for d in decisions]
+        fits = [c for c in candidates if c[1] <= slo_s]
+        decision, predicted = fits[0] if fits else min(candidates, key=lambda c: c[1])
+        return Plan(decision, predicted, candidates)
+
+    @staticmethod
+    def _teacher_of(snap: Snapshot, model: str | None) -> bool:
+        """Whether the model asked for (or the default) has a teacher view to fall back on."""
+        m = snap.models.get(model or snap.default)
+        return m is not None and (m.role == "teacher" or (m.teacher is not None and m.teacher in snap.models))
+
     def saturated(self) -> bool:
         """Full before looking at the request: the HTTP layer refuses without reading the body."""
         return len(self.queue) >= self.settings.queue_size or self.queued_work_s >= self.settings.max_queued_work_s
@@ -279,10 +370,7 @@ class Engine:
     def _take_batch(self) -> list[Job]:
         """The queued job with the earliest arrival + cost, and every queued job compatible with it, oldest first,
         up to max_batch images."""
-        dropped = [j for j in self.queue if j.cancelled]
-        if dropped:
-            self.metrics.error("dropped_before_run", len(dropped))
-            self._remove(dropped)
+        self._drop_cancelled()
         if not self.queue:
             return []
         head = min(self.queue, key=lambda j: j.priority)
@@ -305,11 +393,39 @@ class Engine:
                 self.metrics.error("internal")
 
     async def _next_batch(self) -> None:
-        while not self.queue:
+        """One slice of device work: a step of a running batch, or a whole batch (student work, or everything when
+        step scheduling is off), or a new running batch's first step."""
+        while not self.queue and not self.running:
             self._wake.clear()
             await self._wake.wait()
-        # The device is idle. Wait up to max_wait_ms for the batch to fill only when requests are arriving in a
-        # burst (the last two came within max_wait_ms of each other): a lone request runs at once.
+        self._drop_cancelled()
+        if self.running and (self._owe_step or not self._other_work_queued()):
+            self._owe_step = False
+            run = self.running[self._turn % len(self.running)]
+            self._turn += 1
+            await self._step(run, self._joiners(run))
+            return
+        if not self.queue:
+            return
+        if not self.running:
+            await self._fill_wait()
+            if not self.queue:
+                return
+        batch = self._take_batch()
+        if not batch:
+            return
+        if self._stepwise(batch[0]):
+            run = Running(batch[0].key, self.registry.models[batch[0].model])
+            self.running.append(run)
+            run.jobs.update((id(j), j) for j in batch)
+            await self._step(run, batch)
+            return
+        await self._whole(batch)
+        self._owe_step = bool(self.running)
+
+    async def _fill_wait(self) -> None:
+        """The device is idle. Wait up to max_wait_ms for the batch to fill only when requests are arriving in a
+        burst (the last two came within max_wait_ms of each other): a lone request runs at once."""
         wait_s = self.settings.max_wait_ms / 1000 if self._bursty() else 0.0
         deadline = time.perf_counter() + wait_s
         head_key = min(self.queue, key=lambda j: j.priority).key
@@ -322,10 +438,10 @@ class Engine:
                 await asyncio.wait_for(self._wake.wait(), left)
             if not self.queue:
                 return
-        batch = self._take_batch()
-        if not batch:
-            return
+
+    async def _whole(self, batch: list[Job]) -> None:
         loop = asyncio.get_running_loop()
+        self._whole_ends = time.perf_counter() + sum(j.cost_s for j in batch)
         self._running = loop.run_in_executor(self.executor, self._run_batch, batch)
         try:
             results = await self._running
@@ -336,11 +452,111 @@ class Engine:
         finally:
             self._running = None
         for job, outcome in zip(batch, results, strict=True):
-            if job.future is not None and not job.future.done():
-                if isinstance(outcome, BaseException):
-                    job.future.set_exception(outcome)
-                else:
-                    job.future.set_result(outcome)
+            _settle(job, outcome)
+
+    # ---- step-level scheduling -------------------------------------------------------------------------
+    def _stepwise(self, job: Job) -> bool:
+        return self._stepwise_for(job.model, job.steps, job.size)
+
+    def _stepwise_for(self, model: str, steps: int, size: tuple[int, int] | None) -> bool:
+        entry = self.registry.models.get(model)
+        return (
+            self.settings.step_scheduling
+            and steps > STEPWISE_MIN_STEPS
+            and size is None
+            and entry is not None
+            and hasattr(entry.model, "inflight")
+        )
+
+    def _other_work_queued(self) -> bool:
+        """Queued work that cannot join a running batch (a student batch, another key)."""
+        keys = {run.key for run in self.running}
+        return any(j.key not in keys for j in self.queue)
+
+    def _drop_cancelled(self) -> None:
+        dropped = [j for j in self.queue if j.cancelled]
+        if dropped:
+            self.metrics.error("dropped_before_run", len(dropped))
+            self._remove(dropped)
+
+    def _joiners(self, run: Running) -> list[Job]:
+        """Queued jobs of the running batch's key that fit in it now, in priority order."""
+        rows, out = len(run.batch) if run.batch is not None else 0, []
+        for job in sorted((j for j in self.queue if j.key == run.key), key=lambda j: j.priority):
+            if rows + len(job.seeds) <= self.settings.max_batch or rows == 0:
+                out.append(job)
+                rows += len(job.seeds)
+        self._remove(out)
+        run.jobs.update((id(j), j) for j in out)  # its jobs now, though their rows are added on the device thread
+        return out
+
+    async def _step(self, run: Running, joiners: list[Job]) -> None:
+        loop = asyncio.get_running_loop()
+        self._running = loop.run_in_executor(self.executor, self._run_step, run, joiners)
+        try:
+            outcomes = await self._running
+        except Exception as e:
+            log.exception("a step of %s failed", run.key[0])
+            self.metrics.error("internal")
+            outcomes = [(j, BatchFailed(f"the batch failed: {type(e).__name__}")) for j in run.jobs.values()]
+            run.batch = None
+        finally:
+            self._running = None
+        for job, outcome in outcomes:
+            _settle(job, outcome)
+        if run.batch is None or not len(run.batch):
+            self.running = [r for r in self.running if r is not run]
+
+    def _run_step(self, run: Running, joiners: list[Job]) -> list[tuple[Job, Result | BaseException]]:
+        """On the executor thread: the joiners join, cancelled jobs leave, every row takes one step; returns the
+        jobs whose rows are all done. A model error fails the running batch's jobs (a teacher has no fallback)."""
+        start = time.perf_counter()
+        entry = run.entry
+        try:
+            if run.batch is None:
+                run.batch = entry.model.inflight(run.key[1], run.key[2])
+            for job in joiners:
+                self.metrics.queue_wait.observe(start - job.enqueued)
+                run.batch.add(id(job), [job.prompt] * len(job.seeds), job.seeds)
+                job.started = start
+            for job in [j for j in run.jobs.values() if j.cancelled]:
+                run.batch.drop(id(job))
+                del run.jobs[id(job)]
+                run.peak.pop(id(job), None)
+                self.metrics.error("dropped_in_flight")
+            rows = len(run.batch)
+            for key in run.jobs:
+                run.peak[key] = max(run.peak.get(key, 0), rows)
+            run.batch.step()
+            done = run.batch.pop_done()
+            for images in done.values():
+                if not torch.isfinite(images).all():
+                    raise FloatingPointError("non-finite values in the output")
+        except Exception as e:
+            log.error("%s failed on a step: %s", entry.name, e)
+            self.metrics.error("model_error")
+            jobs = list(run.jobs.values())
+            run.batch, run.jobs = None, {}
+            return [(j, NotServable(f"{entry.name} failed: {e}")) for j in jobs]
+        now = time.perf_counter()
+        if rows:
+            self._observe_cost(entry.name, now - start, rows, 1)
+        out = []
+        for owner, images in done.items():
+            job, peak = run.jobs.pop(owner), run.peak.pop(owner, rows)
+            n = len(job.seeds)
+            self.metrics.batch_inference.labels(model=entry.name, steps=self.metrics.steps_label(job.steps)).observe(
+                now - job.started
+            )
+            self.metrics.batch_size.observe(n)
+            self.metrics.images.labels(model=entry.name).inc(n)
+            if job.fallback_reason:
+                self.metrics.fallbacks.labels(reason=job.fallback_reason).inc()
+            result = Result(to_pil(images), job.seeds, entry.name, job.steps, job.fallback_reason,
+                            queue_ms=1000 * (job.started - job.enqueued), inference_ms=1000 * (now - job.started),
+                            batch_images=peak)  # fmt: skip
+            out.append((job, result))
+        return out
 
     def _bursty(self) -> bool:
         return self._arrival_gap_s < self.settings.max_wait_ms / 1000

@@ -20,7 +20,7 @@ ERROR_TYPES = (
     "invalid_value", "invalid_json", "unsupported_media_type", "unsupported_value", "body_too_large",
     "model_not_found", "not_found", "method_not_allowed", "invalid_api_key", "queue_full", "timeout",
     "client_disconnected", "model_unavailable", "model_error", "dropped_before_run", "internal", "batcher_restart",
-    "body_timeout", "shutting_down", "invalid_request",
+    "body_timeout", "shutting_down", "invalid_request", "dropped_in_flight",
 )  # fmt: skip
 
 
@@ -38,6 +38,8 @@ class Metrics:
     fallbacks: Counter
     errors: Counter
     rejected: Counter
+    auto_steps: Counter
+    slo: Counter
     models: frozenset[str] = field(default_factory=frozenset)
     steps: frozenset[str] = field(default_factory=frozenset)
 
@@ -63,6 +65,9 @@ class Metrics:
             errors=Counter("fewstep_errors_total", "Errors answered, by type", ["type"], registry=r),
             rejected=Counter("fewstep_rejected_total", "Requests refused before their body was read (queue full)",
                              registry=r),
+            auto_steps=Counter("fewstep_auto_steps_total", "What steps: auto chose", ["model", "steps"], registry=r),
+            slo=Counter("fewstep_slo_requests_total", "Requests with a latency target (steps: auto) by outcome: "
+                        "met or missed", ["outcome"], registry=r),
         )  # fmt: skip
 
     def bound(self, models: Iterable[str], steps: Iterable[int]) -> Metrics:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"  # no slashes: a model is a name, never a path
 MAX_SEED = 2**53 - 1  # exact in JSON numbers everywhere
@@ -21,7 +21,9 @@ STRICT = ConfigDict(extra="forbid", protected_namespaces=(), strict=True)
 class GenerateRequest(BaseModel):
     model_config = STRICT
     prompt: str = Field(max_length=100_000)
-    steps: int | None = Field(default=None, ge=1)
+    # "auto": the most steps (student 1-4, or the teacher) predicted to finish within latency_slo_ms
+    steps: int | str | None = None
+    latency_slo_ms: float | None = Field(default=None, gt=0, le=3_600_000)  # with steps "auto" (default: the server's)
     n: int = Field(default=1, ge=1)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     guidance: float | None = Field(default=None, ge=0, le=50)
@@ -31,6 +33,13 @@ class GenerateRequest(BaseModel):
     # the image size; either left out takes the model's default (GET /v1/models lists each model's sizes)
     width: int | None = Field(default=None, ge=1, le=16384)
     height: int | None = Field(default=None, ge=1, le=16384)
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, v: int | str | None) -> int | str | None:
+        if isinstance(v, str) and v != "auto" or isinstance(v, int) and v < 1:
+            raise ValueError('must be an integer >= 1 or "auto"')
+        return v
 
 
 class GeneratedImage(BaseModel):
@@ -46,6 +55,22 @@ class Timings(BaseModel):
     total_ms: float
 
 
+class AutoCandidate(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+    model: str
+    steps: int
+    predicted_ms: float
+
+
+class AutoChoice(BaseModel):
+    """What steps: "auto" chose: the target, the chosen candidate's predicted latency, every candidate (best
+    first)."""
+
+    latency_slo_ms: float
+    predicted_ms: float
+    candidates: list[AutoCandidate]
+
+
 class GenerateResponse(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
     images: list[GeneratedImage]
@@ -55,6 +80,7 @@ class GenerateResponse(BaseModel):
     fallback_reason: str | None
     batch_images: int
     timings: Timings
+    auto: AutoChoice | None = None  # with steps "auto"
 
 
 class ImagesRequest(BaseModel):

@@ -16,7 +16,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from fewstep.models.images import encode
-from fewstep.server.engine import BatchFailed, Engine, Job, NotServable, QueueFull, Result
+from fewstep.server.engine import BatchFailed, Engine, Job, NotServable, Plan, QueueFull, Result
 from fewstep.server.errors import APIError, quote
 from fewstep.server.metrics import Metrics
 from fewstep.server.protocol import QUALITY_STEPS, GenerateRequest, GenerateResponse, ImagesRequest
@@ -33,6 +33,8 @@ class Served:
     encoded: list[bytes]
     encode_ms: float
     start: float
+    plan: Plan | None = None  # steps: "auto"
+    slo_ms: float | None = None
 
 
 class ImageService:
@@ -53,6 +55,7 @@ class ImageService:
             body.quality == "teacher",
             body.output_format,
             size=(body.width, body.height),
+            slo_ms=body.latency_slo_ms,
         )
         r = served.result
         timings = {
@@ -71,6 +74,10 @@ class ImageService:
                     for b, s in zip(served.encoded, r.seeds, strict=True)],
             model=body.model or self.registry.default, served_by=r.served_by, steps=r.steps,
             fallback_reason=r.fallback_reason, batch_images=r.batch_images, timings=timings,
+            auto=None if served.plan is None else {
+                "latency_slo_ms": served.slo_ms, "predicted_ms": 1000 * served.plan.predicted_s,
+                "candidates": [{"model": d.model, "steps": d.steps, "predicted_ms": 1000 * p}
+                               for d, p in served.plan.candidates]},
         )  # fmt: skip
         return JSONResponse(out.model_dump())
 
@@ -125,7 +132,7 @@ class ImageService:
         endpoint: str,
         model: str | None,
         prompt: str,
-        steps: int | None,
+        steps: int | str | None,
         n: int,
         seed: int | None,
         guidance: float | None,
@@ -134,13 +141,27 @@ class ImageService:
         compression: int | None = None,
         size: tuple[int | None, int | None] = (None, None),
         size_param: str | None = None,  # the field a size error names ("size" on the OpenAI route)
+        slo_ms: float | None = None,
     ) -> Served:
         start = time.perf_counter()
-        status, served_by, served_steps = 500, model or self.registry.default, steps
+        status, served_by, served_steps = 500, model or self.registry.default, None if steps == "auto" else steps
+        plan = None
         try:
             self._check(prompt, n)
+            if steps != "auto" and slo_ms is not None:
+                raise APIError(400, 'latency_slo_ms applies to steps "auto" only', param="latency_slo_ms",
+                               code="invalid_value")  # fmt: skip
+            if steps == "auto" and want_teacher:
+                raise APIError(400, 'steps "auto" chooses the step count: leave out quality "teacher"',
+                               param="steps", code="invalid_value")  # fmt: skip
+            if steps == "auto":
+                slo_ms = self.settings.default_latency_slo_ms if slo_ms is None else slo_ms
             try:
-                decision = self.engine.route(model, steps, want_teacher, guidance)
+                if steps == "auto":
+                    plan = self.engine.plan_auto(model, n, slo_ms / 1000, guidance)
+                    decision = plan.decision
+                else:
+                    decision = self.engine.route(model, steps, want_teacher, guidance)
             except RouteError as e:
                 headers = {"Retry-After": str(self.settings.retry_after_s)} if e.status == 503 else None
                 type_ = "server_error" if e.status >= 500 else "invalid_request_error"
@@ -168,7 +189,13 @@ class ImageService:
             else:  # large images encode off the event loop
                 encoded = await asyncio.to_thread(lambda: [encode(im, fmt, quality) for im in result.images])
             status = 200
-            return Served(result, encoded, 1000 * (time.perf_counter() - t0), start)
+            if plan is not None:
+                met = 1000 * (time.perf_counter() - start) <= slo_ms
+                self.metrics.slo.labels(outcome="met" if met else "missed").inc()
+                self.metrics.auto_steps.labels(
+                    model=self.metrics.model_label(decision.model), steps=self.metrics.steps_label(decision.steps)
+                ).inc()
+            return Served(result, encoded, 1000 * (time.perf_counter() - t0), start, plan, slo_ms)
         except APIError as e:
             status = e.status_code
             raise

@@ -53,6 +53,14 @@ class ServeSettings(BaseSettings):
         default_factory=list,
         description="require 'Authorization: Bearer KEY' on /v1 (flag repeatable; FEWSTEP_API_KEYS is comma-separated)",
     )
+    default_latency_slo_ms: float = Field(
+        default=1000.0, gt=0, description='the latency target of a steps: "auto" request that names none'
+    )
+    step_scheduling: bool = Field(
+        default=True,
+        description="run many-step (teacher) batches one step at a time, student batches between their steps "
+        "and new requests joining at step boundaries (--no-step-scheduling: each batch runs to its end)",
+    )
     breaker_threshold: int = Field(default=3, ge=1, description="consecutive student failures that open its circuit")
     breaker_cooldown_s: float = Field(default=30.0, ge=0, description="how long an open circuit stays open")
     warmup: bool = Field(default=True, description="run every model once before /readyz says ready")

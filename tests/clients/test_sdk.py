@@ -107,3 +107,20 @@ def test_fewstep_generate_cli(live, tmp_path):
         text=True,
     )
     assert r.returncode == 2 and "cannot reach" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_auto_steps_through_the_sdk_and_the_cli(live, tmp_path):
+    with FewstepClient(live.url) as client:
+        roomy = client.generate("a red 7 on black", steps="auto", latency_slo_ms=600_000)
+        tight = client.generate("a red 7 on black", steps="auto", latency_slo_ms=1e-6)
+    assert roomy.served_by == "tiny-teacher" and roomy.auto["latency_slo_ms"] == 600_000
+    assert (tight.served_by, tight.steps) == ("tiny-student", 1) and tight.auto["predicted_ms"] > 1e-6
+    out = tmp_path / "auto.png"
+    r = subprocess.run(
+        [sys.executable, "-m", "fewstep.cli", "generate", "a red 7 on black", "--url", live.url, "--steps", "auto",
+         "--latency-slo-ms", "0.000001", "-o", str(out)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "served by tiny-student in 1 steps" in r.stdout and "steps auto: predicted" in r.stdout
+    assert out.read_bytes().startswith(b"\x89PNG")

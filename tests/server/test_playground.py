@@ -45,8 +45,9 @@ def browser(tmp_path_factory):
     driver.quit()
 
 
-def generate(browser, url: str, prompt: str, steps: str, n: int = 1):
-    browser.get(url + "/")
+def generate(browser, url: str, prompt: str, steps: str, n: int = 1, reload: bool = True):
+    if reload:
+        browser.get(url + "/")
     box = browser.find_element(By.ID, "prompt")
     box.clear()
     box.send_keys(prompt)
@@ -113,3 +114,13 @@ def test_model_list_and_size_fields_reach_the_server(browser, live):
     browser.find_element(By.ID, "generate").click()
     WebDriverWait(browser, 60).until(ec.presence_of_element_located((By.CSS_SELECTOR, "#images img")))
     assert browser.find_element(By.ID, "served-by").text == "tiny-teacher"
+
+
+def test_auto_steps_with_a_latency_target(browser, live):
+    browser.get(live.url + "/")
+    slo = browser.find_element(By.ID, "slo")
+    slo.send_keys("0.000001")  # nothing meets it: the fastest student count, and the page says what auto chose
+    generate(browser, live.url, "a green 4 on white", "auto", reload=False)
+    assert browser.find_element(By.ID, "served-by").text == "tiny-student"
+    assert "1 step" in browser.find_element(By.ID, "meta").text
+    assert "target 0 ms" in browser.find_element(By.ID, "auto").text

@@ -1,0 +1,86 @@
+"""Step-level scheduling (server/engine.py): a student request does not wait for a running teacher batch to end,
+and teacher requests join the batch already running (continuous batching) with the images they get alone."""
+
+import asyncio
+import base64
+import io
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.serving import make_settings, serve_app
+
+TEACHER = {"prompt": "a red 7 on black", "model": "tiny-teacher", "steps": 100, "n": 8, "seed": 1}
+STUDENT = {"prompt": "a blue 3 on white", "steps": 1, "seed": 2}
+
+
+async def _timed(c, payload):
+    r = await c.post("/v1/generate", json=payload)
+    assert r.status_code == 200, r.text
+    return r.json(), time.perf_counter()
+
+
+async def _student_behind_teacher(settings):
+    async with serve_app(settings) as c:
+        teacher = asyncio.create_task(_timed(c, TEACHER))
+        while not c.engine.running and c.engine._running is None:  # the teacher batch is on the device
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(0.02)
+        student, student_done = await _timed(c, STUDENT)
+        teacher, teacher_done = await teacher
+    return student, student_done, teacher, teacher_done
+
+
+@pytest.mark.anyio
+async def test_a_student_request_runs_between_teacher_steps(models_dir):
+    student, s_done, teacher, t_done = await _student_behind_teacher(make_settings(models_dir, warmup=False))
+    assert student["served_by"] == "tiny-student" and teacher["served_by"] == "tiny-teacher"
+    assert s_done < t_done  # it did not wait for the 100-step batch
+    # it waited for at most a few teacher steps, not the batch (100 steps)
+    assert student["timings"]["queue_ms"] < teacher["timings"]["inference_ms"] / 10
+
+
+@pytest.mark.anyio
+async def test_without_step_scheduling_the_student_waits_for_the_whole_batch(models_dir):
+    settings = make_settings(models_dir, warmup=False, step_scheduling=False)
+    student, s_done, teacher, t_done = await _student_behind_teacher(settings)
+    assert s_done > t_done
+
+
+def _pixels(body):
+    return [np.asarray(Image.open(io.BytesIO(base64.b64decode(i["b64"]))), dtype=np.int16) for i in body["images"]]
+
+
+@pytest.mark.anyio
+async def test_teacher_requests_join_the_running_batch(models_dir):
+    first = {"prompt": "a red 7 on black", "model": "tiny-teacher", "steps": 60, "n": 2, "seed": 10}
+    second = {"prompt": "a green 4 on white", "model": "tiny-teacher", "steps": 60, "n": 2, "seed": 20}
+    async with serve_app(make_settings(models_dir, warmup=False, max_batch=8)) as c:
+        task = asyncio.create_task(_timed(c, first))
+        while not c.engine.running:
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(0.05)  # the first batch is some steps in
+        joined, joined_done = await _timed(c, second)
+        (_, first_done), alone = await task, (await c.post("/v1/generate", json=second)).json()
+    assert joined["batch_images"] == 4  # its rows shared the steps of the running batch's
+    assert alone["batch_images"] == 2
+    assert first_done < joined_done  # the first batch kept its head start
+    # joining at a step boundary changes nothing in the images (within 1/255)
+    for a, b in zip(_pixels(joined), _pixels(alone), strict=True):
+        assert np.abs(a - b).max() <= 1
+
+
+@pytest.mark.anyio
+async def test_a_request_that_times_out_leaves_the_running_batch(models_dir):
+    async with serve_app(make_settings(models_dir, warmup=False, request_timeout_s=0.2)) as c:
+        r = await c.post("/v1/generate", json={**TEACHER, "n": 1})
+        for _ in range(200):  # the next step boundary drops its rows
+            if not c.engine.running:
+                break
+            await asyncio.sleep(0.01)
+        metrics = (await c.get("/metrics")).text
+    assert r.status_code == 504
+    assert not c.engine.running
+    assert 'fewstep_errors_total{type="dropped_in_flight"} 1.0' in metrics
