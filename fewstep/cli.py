@@ -356,6 +356,136 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- quality gate ----------------------------------------------------------------------------------------
+def _gate_common(p: argparse.ArgumentParser) -> None:
+    _model_arg(p, "--model", "digits-consistency")
+    _model_arg(p, "--classifier", "digits-classifier")
+    p.add_argument("--steps", help="comma-separated step counts (default: those the student serves)")
+    p.add_argument("--device", default="auto")
+    _kernels_arg(p)
+
+
+def _train_gate_args(p: argparse.ArgumentParser) -> None:
+    _gate_common(p)
+    p.add_argument("--out", help="the critic's checkpoint directory (default: zoo/STUDENT-gate beside the student)")
+    p.add_argument("--n", type=int, default=5000, help="student samples per step count (default %(default)s)")
+    p.add_argument("--iters", type=int, default=1500, help="critic training steps (default %(default)s)")
+    p.add_argument("--overwrite", action="store_true")
+
+
+def _gate_steps(args: argparse.Namespace, model) -> list[int]:
+    if args.steps:
+        try:
+            steps = [int(s) for s in args.steps.split(",")]
+        except ValueError:
+            raise UsageError(f"--steps must be comma-separated integers, got {args.steps!r}") from None
+    else:
+        steps = model.card.serves_steps() if model.card else []
+    if model.card is None or model.card.role != "student":
+        raise UsageError(f"{model.name} is not a student: the gate judges a student's images")
+    bad = [s for s in steps if not model.supports(s)]
+    if not steps or bad:
+        raise UsageError(f"{model.name} supports steps {model.steps_text()}, not {bad or steps}")
+    return steps
+
+
+@command("train-gate", "train a critic that scores a student's images (the quality gate)", _train_gate_args)
+def _train_gate(args: argparse.Namespace) -> int:
+    from fewstep.paths import resolve_model
+    from fewstep.training.classifier import load_classifier
+    from fewstep.training.gate import TRAIN_SEED, judged_samples, save_critic, train_critic
+
+    if args.n < 10 or args.iters < 1:
+        raise UsageError("--n must be at least 10 and --iters at least 1")
+    model_dir = resolve_model(args.model, "digits-consistency")
+    out = Path(args.out) if args.out else model_dir.parent / f"{model_dir.name}-gate"
+    if out.exists() and not args.overwrite:
+        raise UsageError(f"{out} already exists; pass --overwrite")
+    model = _load(args, model_dir)
+    steps = _gate_steps(args, model)
+    judge = load_classifier(resolve_model(args.classifier, "digits-classifier")).to(model.device)
+    samples = judged_samples(model, judge, args.n, steps, seed=TRAIN_SEED)
+    critic, report = train_critic(samples, iters=args.iters)
+    training = {"steps_sampled": steps, "n_per_steps": args.n, "iters": args.iters, **report,
+                "command": "fewstep " + " ".join(sys.argv[1:])}  # fmt: skip
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    save_critic(out, critic, model, training)
+    print(
+        f"critic written to {out}: {report['samples']} samples, {report['wrong_share']:.2%} judged wrong, "
+        f"held-out AUC {report['val_auc']}; next: fewstep calibrate-gate --model {model_dir} --gate {out}"
+    )
+    return 0
+
+
+def _calibrate_gate_args(p: argparse.ArgumentParser) -> None:
+    _gate_common(p)
+    p.add_argument("--gate", help="the critic's checkpoint directory (default: STUDENT-gate beside the student)")
+    p.add_argument("--rate", type=float, default=0.05, help="share of images the gate sends on (default %(default)s)")
+    p.add_argument("--n", type=int, default=2000, help="calibration images per step count (default %(default)s)")
+
+
+@command("calibrate-gate", "choose the gate's thresholds for a target share and write them into the student's card",
+         _calibrate_gate_args)  # fmt: skip
+def _calibrate_gate(args: argparse.Namespace) -> int:
+    from fewstep.models.checkpoint import read_card, update_card
+    from fewstep.models.critic import CRITIC, load_critic
+    from fewstep.paths import resolve_model
+    from fewstep.training.classifier import load_classifier
+    from fewstep.training.gate import CALIBRATION_SEED, judged_samples, thresholds
+
+    if not 0 < args.rate < 1:
+        raise UsageError("--rate must be within (0, 1)")
+    if args.n < 10:
+        raise UsageError("--n must be at least 10")
+    model_dir = resolve_model(args.model, "digits-consistency")
+    gate_dir = Path(args.gate) if args.gate else model_dir.parent / f"{model_dir.name}-gate"
+    critic = load_critic(gate_dir)
+    gate_card = read_card(gate_dir)
+    model = _load(args, model_dir)
+    if gate_card.teacher is not None and gate_card.teacher.sha256 != model.weights_sha256():
+        raise UsageError(f"{gate_dir} was trained on {gate_card.teacher.name}'s images, not {model.name}'s")
+    steps = _gate_steps(args, model)
+    judge = load_classifier(resolve_model(args.classifier, "digits-classifier")).to(model.device)
+    samples = judged_samples(model, judge, args.n, steps, seed=CALIBRATION_SEED)
+    critic = critic.to(model.device)
+    scores = torch_cat_scores(critic, samples, model.device)
+    chosen = thresholds(scores, samples.steps, args.rate)
+    measured = {}
+    for s, thr in chosen.items():
+        at = samples.steps == s
+        sent = scores[at] < thr
+        wrong = ~samples.right[at]
+        measured[str(s)] = {
+            "sent": round(float(sent.float().mean()), 4),
+            "wrong": round(float(wrong.float().mean()), 4),
+            "wrong_caught": round(float((sent & wrong).sum() / max(1, int(wrong.sum()))), 4),
+            "accuracy_kept": round(float(samples.right[at][~sent].float().mean()), 4),
+        }
+    gate = {"name": gate_dir.name, "sha256": gate_card.files[CRITIC].sha256, "rate": args.rate,
+            "thresholds": {str(s): t for s, t in chosen.items()}, "n": args.n, "measured": measured,
+            "command": "fewstep " + " ".join(sys.argv[1:])}  # fmt: skip
+    update_card(model_dir, gate=gate)
+    for s, m in measured.items():
+        print(
+            f"{s} steps: threshold {chosen[int(s)]:.4f}; sends {m['sent']:.1%} of images on; of the "
+            f"{m['wrong']:.1%} judged wrong it catches {m['wrong_caught']:.0%}; right among those kept: "
+            f"{m['accuracy_kept']:.2%}"
+        )
+    print(f"wrote the gate into {model_dir / 'card.json'} (serve with --quality-gate to turn it on)")
+    return 0
+
+
+def torch_cat_scores(critic, samples, device):
+    import torch
+
+    out = [critic.score(i.to(device), p.to(device)).cpu() for i, p in
+           zip(samples.images.split(500), samples.pooled.split(500), strict=True)]  # fmt: skip
+    return torch.cat(out)
+
+
 # ---- generate --------------------------------------------------------------------------------------------
 def _steps_arg(value: str) -> int | str:
     if value == "auto":

@@ -32,7 +32,7 @@ import math
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from PIL import Image
@@ -77,6 +77,7 @@ class Job:
     cancelled: bool = False
     future: asyncio.Future | None = None
     started: float | None = None  # when it joined a running batch (step-level scheduling)
+    gate: bool = False  # score the student's images; the teacher regenerates those under the gate's threshold
 
     @property
     def key(self) -> tuple[str, int, float | None, tuple[int, int] | None]:
@@ -99,6 +100,11 @@ class Result:
     queue_ms: float
     inference_ms: float
     batch_images: int
+    # the quality gate (training/gate.py): each image's score, and the images it sends to the teacher
+    gate_scores: list[float] | None = None
+    regenerate: list[int] = field(default_factory=list)
+    image_served_by: list[str] | None = None  # per image, when some were regenerated
+    image_reasons: list[str | None] | None = None
 
 
 def device_executor() -> ThreadPoolExecutor:
@@ -452,7 +458,49 @@ class Engine:
         finally:
             self._running = None
         for job, outcome in zip(batch, results, strict=True):
-            _settle(job, outcome)
+            if isinstance(outcome, Result) and outcome.regenerate:
+                asyncio.get_running_loop().create_task(self._regenerate(job, outcome))
+            else:
+                _settle(job, outcome)
+
+    async def _regenerate(self, job: Job, result: Result) -> None:
+        """The quality gate's second half, inside the same request: the images the gate doubted go to the teacher
+        as a job of their own (scheduled like any teacher work, joining a running batch when one is there); the
+        request is answered when they are back. If the teacher fails, the student's images stand."""
+        teacher = self.registry.teacher_for(job.model)
+        idx = result.regenerate
+        if teacher is None:
+            self.metrics.gate_images.labels(outcome="kept_no_teacher").inc(len(idx))
+            _settle(job, result)
+            return
+        child = Job(model=teacher.name, requested=job.requested, prompt=job.prompt, steps=teacher.default_steps,
+                    guidance=None, seeds=[result.seeds[i] for i in idx], size=job.size,
+                    fallback_reason="quality_gate", enqueued=job.enqueued)  # fmt: skip
+        child.cost_s = self.estimate_s(child.model, len(child.seeds), child.steps, child.size)
+        child.future = asyncio.get_running_loop().create_future()
+        self.queue.append(child)  # admitted with its request: never a 429 halfway through
+        self.queued_work_s += child.cost_s
+        self._wake.set()
+        try:
+            regenerated = await child.future
+        except Exception as e:
+            log.warning("the teacher could not regenerate gated images: %s", e)
+            self.metrics.gate_images.labels(outcome="kept_teacher_failed").inc(len(idx))
+            _settle(job, result)
+            return
+        finally:
+            if job.cancelled:
+                child.cancelled = True
+        images, served, reasons = (
+            list(result.images),
+            [result.served_by] * len(result.images),
+            [None] * len(result.images),
+        )
+        for k, i in enumerate(idx):
+            images[i], served[i], reasons[i] = regenerated.images[k], regenerated.served_by, "quality_gate"
+        _settle(job, replace(result, images=images, image_served_by=served, image_reasons=reasons,
+                             fallback_reason=result.fallback_reason or "quality_gate",
+                             inference_ms=result.inference_ms + regenerated.inference_ms))  # fmt: skip
 
     # ---- step-level scheduling -------------------------------------------------------------------------
     def _stepwise(self, job: Job) -> bool:
@@ -607,12 +655,15 @@ class Engine:
         self.metrics.batch_inference.labels(model=served_by, steps=self.metrics.steps_label(steps)).observe(elapsed)
         self.metrics.batch_size.observe(n_images)
         self.metrics.images.labels(model=served_by).inc(n_images)
+        scores = self._gate_scores(entry, batch, images, cond) if served_by == batch[0].model else None
         pils = to_pil(images)  # one tensor op for the batch, on this thread: no second OpenMP team elsewhere
         out, offset = [], 0
         for job, reason in zip(batch, reasons, strict=True):
             n = len(job.seeds)
             if reason:
                 self.metrics.fallbacks.labels(reason=reason).inc()
+            mine = scores[offset : offset + n] if scores is not None and job.gate else None
+            regenerate = [] if mine is None else [i for i, x in enumerate(mine) if x < entry.gate.threshold(steps)]
             out.append(
                 Result(
                     pils[offset : offset + n],
@@ -623,10 +674,29 @@ class Engine:
                     queue_ms=1000 * (start - job.enqueued),
                     inference_ms=1000 * elapsed,
                     batch_images=n_images,
+                    gate_scores=mine,
+                    regenerate=regenerate,
                 )
             )
+            if mine is not None:
+                self.metrics.gate_images.labels(outcome="passed").inc(n - len(regenerate))
+                self.metrics.gate_images.labels(outcome="regenerated").inc(len(regenerate))
             offset += n
         return out
+
+    def _gate_scores(self, entry: ServedModel, batch: list[Job], images: torch.Tensor, cond) -> list[float] | None:
+        """The gate's score of every image of a student batch in which some request has the gate on."""
+        if entry.gate is None or not any(job.gate for job in batch):
+            return None
+        try:
+            scores = entry.gate.critic.score(images.to(entry.model.device), cond.pooled).cpu()
+        except Exception as e:  # a gate that fails leaves the student's images as they are
+            log.warning("the quality gate of %s failed: %s", entry.name, e)
+            self.metrics.error("gate_error")
+            return None
+        for x in scores.tolist():
+            self.metrics.gate_score.observe(x)
+        return scores.tolist()
 
     @staticmethod
     def _generate(

@@ -20,7 +20,7 @@ ERROR_TYPES = (
     "invalid_value", "invalid_json", "unsupported_media_type", "unsupported_value", "body_too_large",
     "model_not_found", "not_found", "method_not_allowed", "invalid_api_key", "queue_full", "timeout",
     "client_disconnected", "model_unavailable", "model_error", "dropped_before_run", "internal", "batcher_restart",
-    "body_timeout", "shutting_down", "invalid_request", "dropped_in_flight",
+    "body_timeout", "shutting_down", "invalid_request", "dropped_in_flight", "gate_error",
 )  # fmt: skip
 
 
@@ -40,6 +40,8 @@ class Metrics:
     rejected: Counter
     auto_steps: Counter
     slo: Counter
+    gate_score: Histogram
+    gate_images: Counter
     models: frozenset[str] = field(default_factory=frozenset)
     steps: frozenset[str] = field(default_factory=frozenset)
 
@@ -66,6 +68,12 @@ class Metrics:
             rejected=Counter("fewstep_rejected_total", "Requests refused before their body was read (queue full)",
                              registry=r),
             auto_steps=Counter("fewstep_auto_steps_total", "What steps: auto chose", ["model", "steps"], registry=r),
+            gate_score=Histogram("fewstep_gate_score", "Quality-gate scores of student images (1: surely right)",
+                                 buckets=(0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0),
+                                 registry=r),
+            gate_images=Counter("fewstep_gate_images_total", "Student images the quality gate judged, by outcome: "
+                                "passed, regenerated (by the teacher), kept_no_teacher, kept_teacher_failed",
+                                ["outcome"], registry=r),
             slo=Counter("fewstep_slo_requests_total", "Requests with a latency target (steps: auto) by outcome: "
                         "met or missed", ["outcome"], registry=r),
         )  # fmt: skip

@@ -15,12 +15,25 @@ import torch
 
 from fewstep.errors import UsageError
 from fewstep.models.checkpoint import Card, CheckpointError, read_card
+from fewstep.models.critic import CRITIC, load_critic
 from fewstep.models.diffusers_model import INDEX, SPEC, DiffusersModel, PipelineSpec, SharedComponents, read_spec
 from fewstep.models.pipeline import TRANSFORMER, TextToImage
 from fewstep.models.sizes import Sizes
 from fewstep.paths import HOW
 
 log = logging.getLogger("fewstep.server")
+
+
+@dataclass(frozen=True)
+class LoadedGate:
+    """A student's quality gate in memory: the critic and the card's per-step thresholds (training/gate.py)."""
+
+    critic: torch.nn.Module
+    thresholds: dict[str, float]
+
+    def threshold(self, steps: int) -> float:
+        """Images scoring under it are regenerated; a step count it was not calibrated for regenerates none."""
+        return self.thresholds.get(str(steps), float("-inf"))
 
 
 @dataclass
@@ -35,6 +48,8 @@ class ServedModel:
     spec: PipelineSpec | None = None
     teacher: str | None = None  # the teacher a student falls back to
     error: str | None = None  # why it cannot serve
+    gate: LoadedGate | None = None  # its quality gate (card.gate), when the critic loaded
+    gate_error: str | None = None  # why a gate its card names is not in use
 
     @property
     def ready(self) -> bool:
@@ -124,6 +139,7 @@ class Registry:
         if shared.bytes_saved:
             log.info("components shared between pipelines: %.1f MB loaded once", shared.bytes_saved / 2**20)
         reg._link_teachers()  # if none of them loads, the server still starts and /readyz says why (503)
+        reg._load_gates(directory, device)
         reg.default = default or reg._pick_default()
         if reg.default not in reg.models:
             raise UsageError(f"--default-model {reg.default!r} is not among {sorted(reg.models)}")
@@ -135,6 +151,23 @@ class Registry:
         reg._link_teachers()
         reg.default = default or reg._pick_default()
         return reg
+
+    def _load_gates(self, directory: Path, device: torch.device) -> None:
+        """Each student whose card names a gate gets its critic (a ``role: gate`` checkpoint beside it, with the
+        weights the card names). One that cannot be used is logged and listed in /v1/models; the student serves
+        without it."""
+        for m in self.models.values():
+            ref = m.card.gate if m.card is not None else None
+            if ref is None or m.model is None:
+                continue
+            try:
+                critic = load_critic(directory / ref.name)
+                if read_card(directory / ref.name).files[CRITIC].sha256 != ref.sha256:
+                    raise CheckpointError(f"{ref.name}: not the weights {m.name}'s card was calibrated with")
+                m.gate = LoadedGate(critic.to(device), dict(ref.thresholds))
+            except CheckpointError as e:
+                m.gate_error = str(e)
+                log.warning("the quality gate of %s is not in use: %s", m.name, e)
 
     def teachers(self) -> list[ServedModel]:
         return [m for m in self.models.values() if m.role == "teacher" and m.ready]

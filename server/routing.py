@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from fewstep.server.errors import quote
 
 # why a request did not go to the student that would have served it (the `fallback_reason` field, and a label)
-FALLBACK_REASONS = ("teacher_requested", "student_unavailable", "steps_unsupported", "circuit_open", "student_error")
+FALLBACK_REASONS = ("teacher_requested", "student_unavailable", "steps_unsupported", "circuit_open", "student_error",
+                    "quality_gate")  # fmt: skip
 
 
 @dataclass(frozen=True)

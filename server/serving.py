@@ -56,6 +56,7 @@ class ImageService:
             body.output_format,
             size=(body.width, body.height),
             slo_ms=body.latency_slo_ms,
+            gate=body.quality_gate,
         )
         r = served.result
         timings = {
@@ -70,8 +71,8 @@ class ImageService:
                 "x-steps": str(r.steps), "x-timings": json.dumps({k: round(v, 2) for k, v in timings.items()}),
             })  # fmt: skip
         out = GenerateResponse(
-            images=[{"b64": base64.b64encode(b).decode(), "seed": s, "format": body.output_format}
-                    for b, s in zip(served.encoded, r.seeds, strict=True)],
+            images=[{"b64": base64.b64encode(b).decode(), "seed": s, "format": body.output_format, **_gated(r, i)}
+                    for i, (b, s) in enumerate(zip(served.encoded, r.seeds, strict=True))],
             model=body.model or self.registry.default, served_by=r.served_by, steps=r.steps,
             fallback_reason=r.fallback_reason, batch_images=r.batch_images, timings=timings,
             auto=None if served.plan is None else {
@@ -142,6 +143,7 @@ class ImageService:
         size: tuple[int | None, int | None] = (None, None),
         size_param: str | None = None,  # the field a size error names ("size" on the OpenAI route)
         slo_ms: float | None = None,
+        gate: bool | None = None,
     ) -> Served:
         start = time.perf_counter()
         status, served_by, served_steps = 500, model or self.registry.default, None if steps == "auto" else steps
@@ -172,6 +174,7 @@ class ImageService:
             if base + n - 1 > 2**53 - 1:
                 raise APIError(400, "seed + n - 1 must be at most 2**53 - 1", param="seed", code="invalid_value")
             job = Job(
+                gate=self._gate(decision.model, gate),
                 model=decision.model,
                 requested=model or self.registry.default,
                 prompt=prompt,
@@ -226,6 +229,20 @@ class ImageService:
                 raise APIError(400, f"{name}: {err[1]}", param=param or err[0], code="invalid_value")
         final = self.registry.models[serving].sizes
         return None if chosen is None or final is None or chosen == (final.width, final.height) else chosen
+
+    def _gate(self, serving: str, asked: bool | None) -> bool:
+        """Whether the job's images go through the serving student's quality gate."""
+        entry = self.registry.models[serving]
+        on = self.settings.quality_gate if asked is None else asked
+        if not on or entry.role != "student":
+            return False  # a teacher's images are not gated
+        if entry.gate is None:
+            if asked:
+                why = entry.gate_error or "its card names none (fewstep train-gate, then fewstep calibrate-gate)"
+                raise APIError(400, f"{entry.name} has no quality gate: {why}", param="quality_gate",
+                               code="invalid_value")  # fmt: skip
+            return False
+        return True
 
     def _check(self, prompt: str, n: int) -> None:
         if not prompt.strip():
@@ -300,6 +317,9 @@ class ImageService:
                 "sizes": sizes.describe() if sizes else None,
                 "shared_components": getattr(m.model, "shared", {}),
                 "ready": m.ready, "error": m.error, "default": m.name == self.registry.default,
+                "quality_gate": None if m.gate is None else {
+                    "rate": m.card.gate.rate, "thresholds": m.card.gate.thresholds, "critic": m.card.gate.name},
+                "quality_gate_error": m.gate_error,
             })  # fmt: skip
         # bytes not loaded twice: components identical across pipelines (FLUX.1-schnell and -dev: CLIP, T5, VAE)
         return {"object": "list", "data": data, "shared_bytes": self.registry.shared_bytes}
@@ -330,3 +350,14 @@ def parse_size(size: str | None) -> tuple[int | None, int | None]:
             code="invalid_value",
         )  # fmt: skip
     return int(m.group(1)), int(m.group(2))
+
+
+def _gated(r: Result, i: int) -> dict:
+    """Image i's quality-gate fields, when the gate judged it."""
+    if r.gate_scores is None:
+        return {}
+    return {
+        "gate_score": r.gate_scores[i],
+        "served_by": r.image_served_by[i] if r.image_served_by else r.served_by,
+        "fallback_reason": r.image_reasons[i] if r.image_reasons else None,
+    }

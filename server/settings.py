@@ -56,6 +56,11 @@ class ServeSettings(BaseSettings):
     default_latency_slo_ms: float = Field(
         default=1000.0, gt=0, description='the latency target of a steps: "auto" request that names none'
     )
+    quality_gate: bool = Field(
+        default=False,
+        description="score student images with the student's gate (fewstep calibrate-gate) and have the "
+        "teacher regenerate those under its threshold; a request's quality_gate overrides it",
+    )
     step_scheduling: bool = Field(
         default=True,
         description="run many-step (teacher) batches one step at a time, student batches between their steps "

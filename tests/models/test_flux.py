@@ -167,8 +167,17 @@ def test_a_fewstep_student_exports_to_diffusers(tmp_path):
 
 
 def test_a_student_saved_before_guidance_factor_is_refused_with_the_reason(tmp_path, capsys):
-    """The shipped consistency student embeds w×1 (saved before FLUX.1-dev's ×1000 was adopted): no exact export."""
-    assert main(["convert", "--to-diffusers", str(ZOO / "digits-consistency"), "--out", str(tmp_path / "x")]) == 2
+    """A card saved before FLUX.1-dev's ×1000 guidance factor was adopted (no guidance_factor: the student embeds
+    w×1, as zoo/digits-consistency did until issue 15) has no exact export."""
+    import json
+    import shutil
+
+    legacy = tmp_path / "legacy"
+    shutil.copytree(ZOO / "digits-consistency", legacy)
+    card = json.loads((legacy / "card.json").read_text())
+    del card["model"]["transformer"]["guidance_factor"]
+    (legacy / "card.json").write_text(json.dumps(card))
+    assert main(["convert", "--to-diffusers", str(legacy), "--out", str(tmp_path / "x")]) == 2
     assert "guidance_factor is 1.0" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 

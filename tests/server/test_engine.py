@@ -58,7 +58,9 @@ async def test_a_slow_request_times_out_with_504(models_dir):
 
 @pytest.mark.slow
 def test_a_disconnected_client_is_dropped_before_it_runs(models_dir):
-    with LiveServer(make_settings(models_dir, max_batch=8, warmup=False)) as server:
+    # step scheduling off: the second teacher request (another guidance: another batch) waits behind the first
+    # (on, it would start its own running batch at once; test_step_scheduling.py covers leaving one)
+    with LiveServer(make_settings(models_dir, max_batch=8, warmup=False, step_scheduling=False)) as server:
 
         async def queue_depth(c) -> float:
             for line in (await c.get("/metrics")).text.splitlines():

@@ -97,8 +97,8 @@ def test_consistency_student_starts_as_the_teachers_x0_estimate():
 
 
 def test_students_saved_with_the_edm_scaling_sample_exactly_as_before():
-    """zoo/digits-consistency's card names the old form: its c_out stays σd·s / sqrt(s² + σd²)."""
-    card = read_card(ZOO / "digits-consistency")
+    """zoo/digits-consistency-compressed's card names the old form: its c_out stays σd·s / sqrt(s² + σd²)."""
+    card = read_card(ZOO / "digits-consistency-compressed")
     assert card.parameterization == "consistency"
     _, c_out = consistency_coefficients(torch.tensor([0.5]), form=card.parameterization)
     assert float(c_out) == pytest.approx(0.5 * 500 / math.sqrt(500**2 + 0.25))
