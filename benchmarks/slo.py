@@ -27,6 +27,7 @@ from PIL import Image
 from report import replace_section
 from serve import NODELAY, Server, percentile
 
+from fewstep.paths import resolve_model
 from fewstep.training.classifier import load_classifier
 from fewstep.training.data import to_unit
 from fewstep.training.evaluate import eval_prompts, frechet_distance, real_features
@@ -89,7 +90,7 @@ def main() -> int:
     p.add_argument("--slo-ms", type=float, default=300.0, help="the latency target (auto's latency_slo_ms)")
     p.add_argument("--requests", type=int, default=128, help="requests per load level and mode")
     p.add_argument("--levels", default=",".join(map(str, LEVELS)), help="client counts of the ramp")
-    p.add_argument("--classifier", default="zoo/digits-classifier")
+    p.add_argument("--classifier", default="digits-classifier", help="the judge: a directory or a zoo name")
     p.add_argument("--out", default="docs/performance.md")
     args = p.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
@@ -104,7 +105,7 @@ def main() -> int:
                 rate = len(res["ms"]) / res["seconds"]
                 within = f"{res['within']:.0%} within {args.slo_ms:g} ms"
                 print(f"{name:8s} {clients:3d} clients: {within}, {rate:.1f} images/s, {dict(Counter(res['steps']))}")
-    classifier = load_classifier(args.classifier)
+    classifier = load_classifier(resolve_model(args.classifier, "digits-classifier"))
     real = real_features(classifier, 1000, seed=1)
     lines = [
         "| clients | mode | within target | p50 ms | p99 ms | images/s | served (model@steps: requests) |",

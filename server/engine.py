@@ -48,6 +48,7 @@ from fewstep.server.settings import ServeSettings
 log = logging.getLogger("fewstep.server")
 DEFAULT_COST_S = 0.02  # seconds per image-step before a model's first measurement (a CPU student's order)
 STEPWISE_MIN_STEPS = 4  # jobs with more steps than this run step by step (a student's 1-4 run as one slice)
+MAX_RUNNING = 4  # running batches at once (distinct keys); more wait in the queue, as do their rows and memory
 
 
 class QueueFull(Exception):
@@ -78,6 +79,7 @@ class Job:
     future: asyncio.Future | None = None
     started: float | None = None  # when it joined a running batch (step-level scheduling)
     gate: bool = False  # score the student's images; the teacher regenerates those under the gate's threshold
+    children: list[Job] = field(default_factory=list)  # its gated images' teacher job (cancelled with it)
 
     @property
     def key(self) -> tuple[str, int, float | None, tuple[int, int] | None]:
@@ -144,6 +146,10 @@ class Plan:
     candidates: list[tuple[Decision, float]]
 
 
+class _Dropped:
+    """A cancelled job's rows left its running batch: nothing to answer (its request is gone)."""
+
+
 def _settle(job: Job, outcome: Result | BaseException) -> None:
     if job.future is not None and not job.future.done():
         if isinstance(outcome, BaseException):
@@ -170,6 +176,7 @@ class Engine:
         self._owe_step = False  # a whole batch just ran: the running batches get the next slice
         self._turn = 0  # round-robin over the running batches
         self._whole_ends = 0.0  # when the whole batch on the device now is estimated to end
+        self._regenerating: set[asyncio.Task] = set()  # quality-gate regenerations waiting for the teacher
         self._stopping = False
         self.batcher_restarts = 0
         self.warmed_up = False
@@ -208,7 +215,9 @@ class Engine:
         queued with 503 and stop (a batch still running is abandoned: lifecycle.Deadlines answers its requests
         at the drain deadline). Never blocks the event loop."""
         deadline = time.perf_counter() + (self.settings.request_timeout_s if deadline_s is None else deadline_s)
-        while (self.queue or self.running or self._running is not None) and time.perf_counter() < deadline:
+        while (
+            self.queue or self.running or self._running is not None or self._regenerating
+        ) and time.perf_counter() < deadline:
             await asyncio.sleep(0.01)
         self._stopping = True
         for job in [*self.queue, *(j for run in self.running for j in run.jobs.values())]:
@@ -314,8 +323,14 @@ class Engine:
         (routing decides who serves each, as for an explicit count); the first that fits is chosen, else the
         fastest. Raises routing.RouteError when nothing can serve."""
         snap = self.snapshot()
-        decisions = [route(snap, model, None, True, guidance)] if self._teacher_of(snap, model) else []
+        decisions = []
+        if self._teacher_of(snap, model):
+            with contextlib.suppress(RouteError):  # a teacher that is down is no candidate
+                decisions.append(replace(route(snap, model, None, True, guidance), reason=None))  # chosen, not asked
+        asked = snap.models.get(model or snap.default)
         counts = sorted({s for m in snap.models.values() if m.role == "student" and m.healthy for s in m.serves})
+        if asked is not None and asked.role == "teacher":
+            counts = []  # a teacher named: its default steps (students answer for themselves, not for it)
         for steps in reversed(counts):
             with contextlib.suppress(RouteError):
                 d = route(snap, model, steps, False, guidance)
@@ -332,7 +347,9 @@ class Engine:
     def _teacher_of(snap: Snapshot, model: str | None) -> bool:
         """Whether the model asked for (or the default) has a teacher view to fall back on."""
         m = snap.models.get(model or snap.default)
-        return m is not None and (m.role == "teacher" or (m.teacher is not None and m.teacher in snap.models))
+        if m is not None and m.role == "student":
+            m = snap.models.get(m.teacher or "")
+        return m is not None and m.role == "teacher" and m.healthy
 
     def saturated(self) -> bool:
         """Full before looking at the request: the HTTP layer refuses without reading the body."""
@@ -362,6 +379,8 @@ class Engine:
         """A job nobody waits for any more (timeout, disconnect): out of the queue and its work budget now,
         not when the running batch ends, so dead jobs do not turn live clients away."""
         job.cancelled = True
+        for child in job.children:  # the teacher's regeneration of its gated images
+            self.cancel(child)
         if any(j is job for j in self.queue):
             self._remove([job])
             self.metrics.error("dropped_before_run")
@@ -377,9 +396,10 @@ class Engine:
         """The queued job with the earliest arrival + cost, and every queued job compatible with it, oldest first,
         up to max_batch images."""
         self._drop_cancelled()
-        if not self.queue:
+        takeable = [j for j in self.queue if self._takeable(j)]
+        if not takeable:
             return []
-        head = min(self.queue, key=lambda j: j.priority)
+        head = min(takeable, key=lambda j: j.priority)
         batch, images = [head], len(head.seeds)
         for job in self.queue:
             if job is not head and job.key == head.key and images + len(job.seeds) <= self.settings.max_batch:
@@ -434,7 +454,7 @@ class Engine:
         burst (the last two came within max_wait_ms of each other): a lone request runs at once."""
         wait_s = self.settings.max_wait_ms / 1000 if self._bursty() else 0.0
         deadline = time.perf_counter() + wait_s
-        head_key = min(self.queue, key=lambda j: j.priority).key
+        head_key = min(self.queue, key=lambda j: j.priority).key  # nothing runs: every queued job is takeable
         while self._queued_images(head_key) < self.settings.max_batch:
             left = deadline - time.perf_counter()
             if left <= 0:
@@ -458,8 +478,10 @@ class Engine:
         finally:
             self._running = None
         for job, outcome in zip(batch, results, strict=True):
-            if isinstance(outcome, Result) and outcome.regenerate:
-                asyncio.get_running_loop().create_task(self._regenerate(job, outcome))
+            if isinstance(outcome, Result) and outcome.regenerate and not job.cancelled and not self._stopping:
+                task = asyncio.get_running_loop().create_task(self._regenerate(job, outcome))
+                self._regenerating.add(task)
+                task.add_done_callback(self._regenerating.discard)
             else:
                 _settle(job, outcome)
 
@@ -478,6 +500,7 @@ class Engine:
                     fallback_reason="quality_gate", enqueued=job.enqueued)  # fmt: skip
         child.cost_s = self.estimate_s(child.model, len(child.seeds), child.steps, child.size)
         child.future = asyncio.get_running_loop().create_future()
+        job.children.append(child)
         self.queue.append(child)  # admitted with its request: never a 429 halfway through
         self.queued_work_s += child.cost_s
         self._wake.set()
@@ -488,9 +511,6 @@ class Engine:
             self.metrics.gate_images.labels(outcome="kept_teacher_failed").inc(len(idx))
             _settle(job, result)
             return
-        finally:
-            if job.cancelled:
-                child.cancelled = True
         images, served, reasons = (
             list(result.images),
             [result.served_by] * len(result.images),
@@ -510,6 +530,8 @@ class Engine:
         entry = self.registry.models.get(model)
         return (
             self.settings.step_scheduling
+            and entry is not None
+            and entry.role == "teacher"  # a student keeps its breaker, fallback and gate (whole batches)
             and steps > STEPWISE_MIN_STEPS
             and size is None
             and entry is not None
@@ -517,9 +539,15 @@ class Engine:
         )
 
     def _other_work_queued(self) -> bool:
-        """Queued work that cannot join a running batch (a student batch, another key)."""
-        keys = {run.key for run in self.running}
-        return any(j.key not in keys for j in self.queue)
+        """Queued work that cannot join a running batch and may start now (a student batch, another key)."""
+        return any(self._takeable(j) for j in self.queue)
+
+    def _takeable(self, job: Job) -> bool:
+        """Whether a queued job may start a batch now: not one that joins a running batch at its next step, nor
+        a new running batch beyond MAX_RUNNING."""
+        if any(run.key == job.key for run in self.running):
+            return False
+        return not (self._stepwise(job) and len(self.running) >= MAX_RUNNING)
 
     def _drop_cancelled(self) -> None:
         dropped = [j for j in self.queue if j.cancelled]
@@ -531,9 +559,10 @@ class Engine:
         """Queued jobs of the running batch's key that fit in it now, in priority order."""
         rows, out = len(run.batch) if run.batch is not None else 0, []
         for job in sorted((j for j in self.queue if j.key == run.key), key=lambda j: j.priority):
-            if rows + len(job.seeds) <= self.settings.max_batch or rows == 0:
-                out.append(job)
-                rows += len(job.seeds)
+            if rows and rows + len(job.seeds) > self.settings.max_batch:
+                break  # in order: a larger job is not overtaken for ever by smaller ones that fit
+            out.append(job)
+            rows += len(job.seeds)
         self._remove(out)
         run.jobs.update((id(j), j) for j in out)  # its jobs now, though their rows are added on the device thread
         return out
@@ -542,24 +571,36 @@ class Engine:
         loop = asyncio.get_running_loop()
         self._running = loop.run_in_executor(self.executor, self._run_step, run, joiners)
         try:
-            outcomes = await self._running
+            outcomes, failed = await self._running
         except Exception as e:
             log.exception("a step of %s failed", run.key[0])
             self.metrics.error("internal")
-            outcomes = [(j, BatchFailed(f"the batch failed: {type(e).__name__}")) for j in run.jobs.values()]
-            run.batch = None
+            outcomes, failed = (
+                [(j, BatchFailed(f"the batch failed: {type(e).__name__}")) for j in run.jobs.values()],
+                True,
+            )
         finally:
             self._running = None
         for job, outcome in outcomes:
-            _settle(job, outcome)
+            run.jobs.pop(id(job), None)
+            if not isinstance(outcome, _Dropped):
+                _settle(job, outcome)
+        if failed:
+            run.batch = None
+            for job in run.jobs.values():  # joined while the step ran: none can, but fail rather than lose them
+                _settle(job, NotServable(f"{run.entry.name} failed"))
+            run.jobs.clear()
         if run.batch is None or not len(run.batch):
             self.running = [r for r in self.running if r is not run]
 
-    def _run_step(self, run: Running, joiners: list[Job]) -> list[tuple[Job, Result | BaseException]]:
-        """On the executor thread: the joiners join, cancelled jobs leave, every row takes one step; returns the
-        jobs whose rows are all done. A model error fails the running batch's jobs (a teacher has no fallback)."""
+    def _run_step(self, run: Running, joiners: list[Job]) -> tuple[list[tuple[Job, Result | BaseException]], bool]:
+        """On the executor thread: the joiners' rows join, cancelled jobs' rows leave, every row takes one step.
+        Returns (the jobs that are done, with their results; whether the batch failed). ``run.jobs`` is changed
+        on the event loop only (``_step``), which reads it meanwhile. A model error fails every job of the batch
+        (a teacher has no fallback); non-finite images fail their own job."""
         start = time.perf_counter()
         entry = run.entry
+        jobs = dict(run.jobs)  # this step's view
         try:
             if run.batch is None:
                 run.batch = entry.model.inflight(run.key[1], run.key[2])
@@ -567,44 +608,42 @@ class Engine:
                 self.metrics.queue_wait.observe(start - job.enqueued)
                 run.batch.add(id(job), [job.prompt] * len(job.seeds), job.seeds)
                 job.started = start
-            for job in [j for j in run.jobs.values() if j.cancelled]:
+            dropped = [j for j in jobs.values() if j.cancelled]
+            for job in dropped:
                 run.batch.drop(id(job))
-                del run.jobs[id(job)]
-                run.peak.pop(id(job), None)
                 self.metrics.error("dropped_in_flight")
             rows = len(run.batch)
-            for key in run.jobs:
+            for key in jobs:
                 run.peak[key] = max(run.peak.get(key, 0), rows)
             run.batch.step()
             done = run.batch.pop_done()
-            for images in done.values():
+            now = time.perf_counter()
+            if rows:
+                self._observe_cost(entry.name, now - start, rows, 1)
+            out: list[tuple[Job, Result | BaseException]] = [(j, _Dropped()) for j in dropped]
+            for owner, images in done.items():
+                job, peak = jobs[owner], run.peak.pop(owner, rows)
                 if not torch.isfinite(images).all():
-                    raise FloatingPointError("non-finite values in the output")
+                    self.metrics.error("model_error")
+                    out.append((job, NotServable(f"{entry.name} failed: non-finite values in the output")))
+                    continue
+                n = len(job.seeds)
+                steps_label = self.metrics.steps_label(job.steps)
+                self.metrics.batch_inference.labels(model=entry.name, steps=steps_label).observe(now - job.started)
+                self.metrics.batch_size.observe(n)
+                self.metrics.images.labels(model=entry.name).inc(n)
+                if job.fallback_reason:
+                    self.metrics.fallbacks.labels(reason=job.fallback_reason).inc()
+                result = Result(to_pil(images), job.seeds, entry.name, job.steps, job.fallback_reason,
+                                queue_ms=1000 * (job.started - job.enqueued), inference_ms=1000 * (now - job.started),
+                                batch_images=peak)  # fmt: skip
+                out.append((job, result))
+            return out, False
         except Exception as e:
             log.error("%s failed on a step: %s", entry.name, e)
             self.metrics.error("model_error")
-            jobs = list(run.jobs.values())
-            run.batch, run.jobs = None, {}
-            return [(j, NotServable(f"{entry.name} failed: {e}")) for j in jobs]
-        now = time.perf_counter()
-        if rows:
-            self._observe_cost(entry.name, now - start, rows, 1)
-        out = []
-        for owner, images in done.items():
-            job, peak = run.jobs.pop(owner), run.peak.pop(owner, rows)
-            n = len(job.seeds)
-            self.metrics.batch_inference.labels(model=entry.name, steps=self.metrics.steps_label(job.steps)).observe(
-                now - job.started
-            )
-            self.metrics.batch_size.observe(n)
-            self.metrics.images.labels(model=entry.name).inc(n)
-            if job.fallback_reason:
-                self.metrics.fallbacks.labels(reason=job.fallback_reason).inc()
-            result = Result(to_pil(images), job.seeds, entry.name, job.steps, job.fallback_reason,
-                            queue_ms=1000 * (job.started - job.enqueued), inference_ms=1000 * (now - job.started),
-                            batch_images=peak)  # fmt: skip
-            out.append((job, result))
-        return out
+            run.batch = None
+            return [(j, NotServable(f"{entry.name} failed: {e}")) for j in jobs.values()], True
 
     def _bursty(self) -> bool:
         return self._arrival_gap_s < self.settings.max_wait_ms / 1000

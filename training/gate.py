@@ -1,12 +1,15 @@
 """The quality gate: a small critic that scores a student's image for its prompt, and its calibration.
 
 DiffServe (Ahmad et al., MLSys 2025) sends the images a discriminator doubts from a light model to a heavy one.
-Here the critic is trained for the job (``fewstep train-gate``): student samples of the benchmark's prompts, each
-labelled right or wrong by the benchmark's judge (zoo/digits-classifier reads the digit and both colors the
-prompt asked for), at every step count the student serves. It sees only what the server has at serving time:
-the image and the student's own text embedding of the prompt. ``fewstep calibrate-gate`` picks, per step count,
-the score under which a target share of images falls (say 5%) and writes it into the student's card; the server
-then regenerates those images with the teacher inside the same request (docs/api.md, "Quality gate").
+Here the critic is trained for the job (``fewstep train-gate``) as an image–prompt matcher on the student's own
+samples, at every step count it serves: an image with its own prompt is a positive, unless the benchmark's judge
+(zoo/digits-classifier) reads a digit or color other than the prompt asked; the same image with its prompt
+changed in one attribute (digit, foreground or background color) and with another image's prompt are negatives.
+Right/wrong labels alone are too few to learn from (under 1% of the student's images are wrong); the matching
+task teaches the critic to read digits and colors from every sample. It sees only what the server has at
+serving time: the image and the student's own text embedding of the prompt. ``fewstep calibrate-gate`` picks,
+per step count, the score under which a target share of images falls (say 5%) and writes it into the student's
+card; the server then regenerates those images with the teacher inside the same request (docs/api.md).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from fewstep.models.checkpoint import save_checkpoint
 from fewstep.models.critic import CRITIC, Critic
 from fewstep.models.pipeline import TextToImage
 from fewstep.training.classifier import DigitClassifier
+from fewstep.training.data import TEMPLATES, caption
 from fewstep.training.evaluate import eval_prompts
 
 TRAIN_SEED, CALIBRATION_SEED = 11, 13  # prompt sets apart from each other and from the benchmark's (seed 0)
@@ -34,6 +38,7 @@ class Samples:
     pooled: torch.Tensor  # (N, text_dim)
     right: torch.Tensor  # (N,) bool: the judge read the digit and both colors the prompt asked for
     steps: torch.Tensor  # (N,) the step count each was sampled with
+    neg_pooled: torch.Tensor | None = None  # (N, text_dim) the prompt with one attribute changed (a hard negative)
 
 
 @torch.no_grad()
@@ -49,7 +54,8 @@ def judged_samples(
 ) -> Samples:
     """``n`` student samples per step count of the benchmark's prompts (set ``seed``), judged."""
     ep = eval_prompts(n, seed=seed)
-    out = {"images": [], "pooled": [], "right": [], "steps": []}
+    out = {"images": [], "pooled": [], "right": [], "steps": [], "neg_pooled": []}
+    negatives = _one_attribute_changed(ep, seed)
     bar = tqdm(total=n * len(steps_list), desc="student samples", disable=not progress, unit="img")
     for steps in steps_list:
         for lo in range(0, n, batch_size):
@@ -67,9 +73,26 @@ def judged_samples(
             out["pooled"].append(cond.pooled.float().cpu())
             out["right"].append(right)
             out["steps"].append(torch.full((hi - lo,), steps))
+            out["neg_pooled"].append(student.encode(negatives[lo:hi]).pooled.float().cpu())
             bar.update(hi - lo)
     bar.close()
-    return Samples(*(torch.cat(out[k]) for k in ("images", "pooled", "right", "steps")))
+    return Samples(*(torch.cat(out[k]) for k in ("images", "pooled", "right", "steps", "neg_pooled")))
+
+
+def _one_attribute_changed(ep, seed: int) -> list[str]:
+    """Each prompt of ``ep`` (training/evaluate.eval_prompts) in the same words with its digit, foreground or
+    background color (in turn) replaced by another."""
+    g = torch.Generator().manual_seed(seed + 1)
+    out = []
+    for i, (d, f, b) in enumerate(zip(ep.digits.tolist(), ep.fg.tolist(), ep.bg.tolist(), strict=True)):
+        shift = int(torch.randint(1, 10, (1,), generator=g))
+        if i % 3 == 0:
+            d = (d + shift) % 10
+        else:
+            new = next(c for c in ((f if i % 3 == 1 else b) + shift + k for k in range(10)) if c % 10 not in (f, b))
+            f, b = (new % 10, b) if i % 3 == 1 else (f, new % 10)
+        out.append(caption(d, f, b, i % len(TEMPLATES), bool((i // len(TEMPLATES)) % 2)))
+    return out
 
 
 def train_critic(
@@ -91,10 +114,14 @@ def train_critic(
     bar = tqdm(range(iters), desc="critic", disable=not progress)
     for _ in bar:
         idx = train[torch.randint(len(train), (batch_size,), generator=g)]
-        logits = critic(samples.images[idx], samples.pooled[idx])
-        target = y[idx]
+        images, pooled, target = samples.images[idx], samples.pooled[idx], y[idx]
         w = torch.where(target > 0.5, torch.ones_like(target), weight)
-        loss = F.binary_cross_entropy_with_logits(logits, target, weight=w)
+        loss = F.binary_cross_entropy_with_logits(critic(images, pooled), target, weight=w)
+        zeros = torch.zeros_like(target)
+        # negatives: another image's prompt, and (when sampled) the own prompt with one attribute changed
+        loss = loss + F.binary_cross_entropy_with_logits(critic(images, pooled.roll(1, 0)), zeros)
+        if samples.neg_pooled is not None:
+            loss = loss + F.binary_cross_entropy_with_logits(critic(images, samples.neg_pooled[idx]), zeros)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -70,3 +70,10 @@ async def test_auto_misuse_is_a_400_naming_the_field(api, payload, param):
     r = await api.post("/v1/generate", json={"prompt": PROMPT, **payload})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
+
+
+@pytest.mark.anyio
+async def test_auto_for_a_named_teacher_runs_its_default_steps(api):
+    r = (await api.post("/v1/generate", json={"prompt": PROMPT, "model": "tiny-teacher", "steps": "auto"})).json()
+    assert [(c["model"], c["steps"]) for c in r["auto"]["candidates"]] == [("tiny-teacher", 4)]
+    assert r["served_by"] == "tiny-teacher" and r["fallback_reason"] is None  # chosen by auto, not asked for

@@ -37,7 +37,9 @@ def test_the_critic_learns_a_labelling_it_can_see():
     # "right" when the image's red mean agrees in sign with the prompt embedding's first coordinate
     right = (images[:, 0].mean((1, 2)) > 0) == (pooled[:, 0] > 0)
     images[:, 0] += torch.where(images[:, 0].mean((1, 2)) > 0, 0.5, -0.5).view(-1, 1, 1)  # make it visible
-    critic, report = train_critic(Samples(images, pooled, right, torch.ones(n)), iters=300, progress=False)
+    flipped = pooled.clone()
+    flipped[:, 0] = -flipped[:, 0]  # the "prompt" with the attribute the image shows changed: a hard negative
+    critic, report = train_critic(Samples(images, pooled, right, torch.ones(n), flipped), iters=300, progress=False)
     assert report["val_auc"] > 0.9, report
     assert isinstance(critic, Critic)
 
