@@ -177,6 +177,9 @@ class Engine:
         self._turn = 0  # round-robin over the running batches
         self._whole_ends = 0.0  # when the whole batch on the device now is estimated to end
         self._regenerating: set[asyncio.Task] = set()  # quality-gate regenerations waiting for the teacher
+        # steps "auto": measured end-to-end time / predicted device time, tracked from every auto request, so the
+        # predictions include what the device model leaves out (HTTP, encoding, clients sharing the machine)
+        self.auto_correction = 1.0
         self._stopping = False
         self.batcher_restarts = 0
         self.warmed_up = False
@@ -338,10 +341,17 @@ class Engine:
                     decisions.append(d)
         if not decisions:
             decisions = [route(snap, model, None, False, guidance)]
-        candidates = [(d, self.predict_s(d.model, images, d.steps, size)) for d in decisions]
+        k = self.auto_correction
+        candidates = [(d, k * self.predict_s(d.model, images, d.steps, size)) for d in decisions]
         fits = [c for c in candidates if c[1] <= slo_s]
         decision, predicted = fits[0] if fits else min(candidates, key=lambda c: c[1])
         return Plan(decision, predicted, candidates)
+
+    def observe_auto(self, predicted_s: float, actual_s: float) -> None:
+        """An auto request's end-to-end time against its (corrected) prediction: updates the correction."""
+        if predicted_s > 0:
+            ratio = self.auto_correction * actual_s / predicted_s
+            self.auto_correction = min(8.0, max(0.5, 0.9 * self.auto_correction + 0.1 * ratio))
 
     @staticmethod
     def _teacher_of(snap: Snapshot, model: str | None) -> bool:
@@ -495,8 +505,13 @@ class Engine:
             self.metrics.gate_images.labels(outcome="kept_no_teacher").inc(len(idx))
             _settle(job, result)
             return
+        # the teacher at the scale the student was sampled at, when the student takes one (its guidance embedding
+        # stands for the teacher's CFG at that scale); a student with CFG distilled in: the teacher's own default
+        student = self.registry.models[job.model]
+        guidance = job.guidance if job.guidance is not None else (
+            student.default_guidance if student.guidance_input else None)  # fmt: skip
         child = Job(model=teacher.name, requested=job.requested, prompt=job.prompt, steps=teacher.default_steps,
-                    guidance=None, seeds=[result.seeds[i] for i in idx], size=job.size,
+                    guidance=guidance, seeds=[result.seeds[i] for i in idx], size=job.size,
                     fallback_reason="quality_gate", enqueued=job.enqueued)  # fmt: skip
         child.cost_s = self.estimate_s(child.model, len(child.seeds), child.steps, child.size)
         child.future = asyncio.get_running_loop().create_future()

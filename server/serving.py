@@ -193,6 +193,7 @@ class ImageService:
                 encoded = await asyncio.to_thread(lambda: [encode(im, fmt, quality) for im in result.images])
             status = 200
             if plan is not None:
+                self.engine.observe_auto(plan.predicted_s, time.perf_counter() - start)
                 met = 1000 * (time.perf_counter() - start) <= slo_ms
                 self.metrics.slo.labels(outcome="met" if met else "missed").inc()
                 self.metrics.auto_steps.labels(

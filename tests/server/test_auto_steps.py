@@ -77,3 +77,16 @@ async def test_auto_for_a_named_teacher_runs_its_default_steps(api):
     r = (await api.post("/v1/generate", json={"prompt": PROMPT, "model": "tiny-teacher", "steps": "auto"})).json()
     assert [(c["model"], c["steps"]) for c in r["auto"]["candidates"]] == [("tiny-teacher", 4)]
     assert r["served_by"] == "tiny-teacher" and r["fallback_reason"] is None  # chosen by auto, not asked for
+
+
+def test_the_prediction_correction_follows_measured_latency(models_dir):
+    from fewstep.server.engine import Engine
+    from fewstep.server.metrics import Metrics
+    from fewstep.server.registry import Registry
+
+    engine = Engine(Registry(), make_settings(models_dir), Metrics.create())
+    engine.observe_auto(0.1, 0.3)  # took 3x the prediction: 0.9 * 1 + 0.1 * 3
+    assert engine.auto_correction == pytest.approx(1.2)
+    for _ in range(200):
+        engine.observe_auto(0.1, 10.0)
+    assert engine.auto_correction == 8.0  # bounded
