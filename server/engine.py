@@ -48,6 +48,7 @@ from fewstep.server.settings import ServeSettings
 log = logging.getLogger("fewstep.server")
 DEFAULT_COST_S = 0.02  # seconds per image-step before a model's first measurement (a CPU student's order)
 STEPWISE_MIN_STEPS = 4  # jobs with more steps than this run step by step (a student's 1-4 run as one slice)
+RECENT_S = 2.0  # the window over which the device time of whole batches is rated (steps "auto")
 MAX_RUNNING = 4  # running batches at once (distinct keys); more wait in the queue, as do their rows and memory
 
 
@@ -180,6 +181,7 @@ class Engine:
         # steps "auto": measured end-to-end time / predicted device time, tracked from every auto request, so the
         # predictions include what the device model leaves out (HTTP, encoding, clients sharing the machine)
         self.auto_correction = 1.0
+        self._wholes: deque[tuple[float, float]] = deque(maxlen=512)  # (end, seconds) of recent whole batches
         self._stopping = False
         self.batcher_restarts = 0
         self.warmed_up = False
@@ -315,7 +317,15 @@ class Engine:
         one_round = sum(run.rows(self) * self.cost_s.get(run.entry.name, DEFAULT_COST_S) for run in self.running)
         if not self._stepwise_for(model, steps, size):
             return ahead + one_round + own
-        return ahead + own + steps * one_round
+        # step-wise work shares the device with the whole (student) batches that arrive while it runs: at the
+        # recent rate r of their device time, it stretches by r / (1 − r), at most one whole batch per step.
+        # Conservative: a lone client's own earlier requests count too (measured: benchmarks/slo.py)
+        base = ahead + own + steps * one_round
+        recent = [d for end, d in self._wholes if end > now - RECENT_S]
+        if not recent:
+            return base
+        r = min(0.9, sum(recent) / RECENT_S)
+        return base + min(base * r / (1 - r), steps * sum(recent) / len(recent))
 
     def plan_auto(
         self, model: str | None, images: int, slo_s: float, guidance: float | None = None,
@@ -477,10 +487,12 @@ class Engine:
 
     async def _whole(self, batch: list[Job]) -> None:
         loop = asyncio.get_running_loop()
-        self._whole_ends = time.perf_counter() + sum(j.cost_s for j in batch)
+        began = time.perf_counter()
+        self._whole_ends = began + sum(j.cost_s for j in batch)
         self._running = loop.run_in_executor(self.executor, self._run_batch, batch)
         try:
             results = await self._running
+            self._wholes.append((time.perf_counter(), time.perf_counter() - began))
         except Exception as e:  # the batch failed outside the model calls: fail its requests, nothing else
             log.exception("batch of %d requests failed", len(batch))
             self.metrics.error("internal")
