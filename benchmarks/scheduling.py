@@ -99,7 +99,8 @@ def main() -> int:
         f"client, on / off = {on[2] / off[2]:.2f} (on, the 1-step requests take their share of the device "
         f"instead of waiting for whole teacher batches). {args.teacher_clients} closed-loop teacher "
         f"clients ({teacher['id']}, {teacher['default_steps']} steps, n = 1), {args.requests} sequential 1-step "
-        f"requests per row ({student['id']}), max_batch 8; `python benchmarks/scheduling.py --models {args.models}`.",
+        f"requests per row ({student['id']}), max_batch 8; "
+        f"`python benchmarks/scheduling.py --models {args.models} --requests {args.requests}`.",
     ]
     text = "\n".join(lines) + "\n"
     replace_section(args.out, "Step-level scheduling", text)
