@@ -38,6 +38,10 @@ class Image:
     data: bytes
     seed: int
     format: str
+    # with the quality gate on: its score, who made it, and "quality_gate" when the teacher regenerated it
+    gate_score: float | None = None
+    served_by: str | None = None
+    fallback_reason: str | None = None
 
     def pil(self):
         from PIL import Image as PILImage
@@ -68,7 +72,17 @@ class GenerateResult:
     def from_response(cls, response: httpx.Response) -> GenerateResult:
         body = response.json()
         return cls(
-            images=[Image(base64.b64decode(im["b64"]), im["seed"], im["format"]) for im in body["images"]],
+            images=[
+                Image(
+                    base64.b64decode(im["b64"]),
+                    im["seed"],
+                    im["format"],
+                    im.get("gate_score"),
+                    im.get("served_by"),
+                    im.get("fallback_reason"),
+                )
+                for im in body["images"]
+            ],  # fmt: skip
             model=body["model"],
             served_by=body["served_by"],
             steps=body["steps"],
@@ -80,12 +94,24 @@ class GenerateResult:
 
 
 def _payload(
-    prompt: str, steps, n, seed, guidance, model, output_format, quality, width, height, latency_slo_ms=None
+    prompt: str,
+    steps,
+    n,
+    seed,
+    guidance,
+    model,
+    output_format,
+    quality,
+    width,
+    height,
+    latency_slo_ms=None,
+    quality_gate=None,
 ) -> dict[str, Any]:
     body = {"prompt": prompt, "n": n, "output_format": output_format}
     for key, value in (
         ("steps", steps),
         ("latency_slo_ms", latency_slo_ms),
+        ("quality_gate", quality_gate),
         ("seed", seed),
         ("guidance", guidance),
         ("model", model),
@@ -161,10 +187,13 @@ class FewstepClient:
         width: int | None = None,
         height: int | None = None,
         latency_slo_ms: float | None = None,
+        quality_gate: bool | None = None,
     ) -> GenerateResult:
         """``steps="auto"``: the server serves the most steps it predicts to finish within ``latency_slo_ms``
         (default: its own target); ``result.auto`` says what it chose."""
-        body = _payload(prompt, steps, n, seed, guidance, model, output_format, quality, width, height, latency_slo_ms)
+        body = _payload(
+            prompt, steps, n, seed, guidance, model, output_format, quality, width, height, latency_slo_ms, quality_gate
+        )
         return GenerateResult.from_response(self._request("POST", "/v1/generate", json=body))
 
     def models(self) -> list[dict[str, Any]]:
@@ -227,10 +256,13 @@ class AsyncFewstepClient:
         width: int | None = None,
         height: int | None = None,
         latency_slo_ms: float | None = None,
+        quality_gate: bool | None = None,
     ) -> GenerateResult:
         """``steps="auto"``: the server serves the most steps it predicts to finish within ``latency_slo_ms``
         (default: its own target); ``result.auto`` says what it chose."""
-        body = _payload(prompt, steps, n, seed, guidance, model, output_format, quality, width, height, latency_slo_ms)
+        body = _payload(
+            prompt, steps, n, seed, guidance, model, output_format, quality, width, height, latency_slo_ms, quality_gate
+        )
         return GenerateResult.from_response(await self._request("POST", "/v1/generate", json=body))
 
     async def models(self) -> list[dict[str, Any]]:

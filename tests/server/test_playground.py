@@ -124,3 +124,13 @@ def test_auto_steps_with_a_latency_target(browser, live):
     assert browser.find_element(By.ID, "served-by").text == "tiny-student"
     assert "1 step" in browser.find_element(By.ID, "meta").text
     assert "target 0 ms" in browser.find_element(By.ID, "auto").text
+
+
+def test_the_gate_choice_reaches_the_server_and_each_image_says_who_made_it(browser, gated_dir):
+    with LiveServer(make_settings(gated_dir, default_model="tiny-student")) as server:
+        browser.get(server.url + "/")
+        Select(browser.find_element(By.ID, "gate")).select_by_value("on")
+        generate(browser, server.url, "a green 4 on white", "1", reload=False)
+        captions = [c.text for c in browser.find_elements(By.CSS_SELECTOR, "#images figcaption")]
+    assert browser.find_element(By.ID, "fallback").text == "fallback: quality_gate"
+    assert captions and all("gate " in c and "tiny-teacher (quality_gate)" in c for c in captions)

@@ -4,35 +4,15 @@ request or server setting, with its metrics; a request that asks for a gate the 
 
 import base64
 import io
-import shutil
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from fewstep.models.checkpoint import read_card, update_card
-from fewstep.models.critic import CRITIC
-from fewstep.models.pipeline import TextToImage
-from fewstep.training.gate import Critic, save_critic
-from tests.serving import make_settings, serve_app
+from fewstep.clients.sdk import FewstepClient
+from tests.serving import LiveServer, make_settings, serve_app
 
 PROMPT = "a red 7 on black"
-
-
-@pytest.fixture(scope="module")
-def gated_dir(models_dir, tmp_path_factory):
-    """tiny-teacher + tiny-student with a gate whose thresholds regenerate every 1-step image and no 2-step one."""
-    root = tmp_path_factory.mktemp("gated")
-    for name in ("tiny-teacher", "tiny-student"):
-        shutil.copytree(models_dir / name, root / name)
-    student = TextToImage.load(root / "tiny-student", kernels="torch")
-    critic = Critic(text_dim=student.config.text.dim)
-    save_critic(root / "tiny-student-gate", critic, student, {"method": "test: untrained"})
-    sha = read_card(root / "tiny-student-gate").files[CRITIC].sha256
-    # scores are probabilities in [0, 1]: under 2.0 always, under -1.0 never
-    update_card(root / "tiny-student", gate={"name": "tiny-student-gate", "sha256": sha, "rate": 0.05,
-                "thresholds": {"1": 2.0, "2": -1.0}, "n": 10, "command": "test"})  # fmt: skip
-    return root
 
 
 def _pixels(image):
@@ -84,3 +64,14 @@ async def test_asking_for_a_gate_the_student_lacks_is_a_400(api):
     r = await api.post("/v1/generate", json={"prompt": PROMPT, "steps": 1, "quality_gate": True})
     assert r.status_code == 400 and r.json()["error"]["param"] == "quality_gate"
     assert "no quality gate" in r.json()["error"]["message"]
+
+
+@pytest.mark.slow
+def test_the_sdk_asks_for_the_gate_over_a_real_server(gated_dir):
+    with LiveServer(make_settings(gated_dir, default_model="tiny-student")) as server, FewstepClient(server.url) as c:
+        result = c.generate(PROMPT, steps=1, n=2, seed=4, quality_gate=True)
+        plain = c.generate(PROMPT, steps=1, seed=4, quality_gate=False)
+    assert result.fallback_reason == "quality_gate"
+    assert all(im.served_by == "tiny-teacher" and im.fallback_reason == "quality_gate" for im in result.images)
+    assert 0 <= result.images[0].gate_score <= 1
+    assert plain.images[0].gate_score is None and plain.served_by == "tiny-student"
