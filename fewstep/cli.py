@@ -430,11 +430,11 @@ def _calibrate_gate_args(p: argparse.ArgumentParser) -> None:
 @command("calibrate-gate", "choose the gate's thresholds for a target share and write them into the student's card",
          _calibrate_gate_args)  # fmt: skip
 def _calibrate_gate(args: argparse.Namespace) -> int:
-    from fewstep.models.checkpoint import read_card, update_card
+    from fewstep.models.checkpoint import update_card
     from fewstep.models.critic import CRITIC, load_critic
     from fewstep.paths import resolve_model
     from fewstep.training.classifier import load_classifier
-    from fewstep.training.gate import CALIBRATION_SEED, judged_samples, thresholds
+    from fewstep.training.gate import CALIBRATION_SEED, judged_samples, score_samples, thresholds
 
     if not 0 < args.rate < 1:
         raise UsageError("--rate must be within (0, 1)")
@@ -442,16 +442,14 @@ def _calibrate_gate(args: argparse.Namespace) -> int:
         raise UsageError("--n must be at least 10")
     model_dir = resolve_model(args.model, "digits-consistency")
     gate_dir = Path(args.gate) if args.gate else model_dir.parent / f"{model_dir.name}-gate"
-    critic = load_critic(gate_dir)
-    gate_card = read_card(gate_dir)
+    critic, gate_card = load_critic(gate_dir)
     model = _load(args, model_dir)
     if gate_card.teacher is not None and gate_card.teacher.sha256 != model.weights_sha256():
         raise UsageError(f"{gate_dir} was trained on {gate_card.teacher.name}'s images, not {model.name}'s")
     steps = _gate_steps(args, model)
     judge = load_classifier(resolve_model(args.classifier, "digits-classifier")).to(model.device)
     samples = judged_samples(model, judge, args.n, steps, seed=CALIBRATION_SEED)
-    critic = critic.to(model.device)
-    scores = torch_cat_scores(critic, samples, model.device)
+    scores = score_samples(critic.to(model.device), samples)
     chosen = thresholds(scores, samples.steps, args.rate)
     measured = {}
     for s, thr in chosen.items():
@@ -476,14 +474,6 @@ def _calibrate_gate(args: argparse.Namespace) -> int:
         )
     print(f"wrote the gate into {model_dir / 'card.json'} (serve with --quality-gate to turn it on)")
     return 0
-
-
-def torch_cat_scores(critic, samples, device):
-    import torch
-
-    out = [critic.score(i.to(device), p.to(device)).cpu() for i, p in
-           zip(samples.images.split(500), samples.pooled.split(500), strict=True)]  # fmt: skip
-    return torch.cat(out)
 
 
 # ---- generate --------------------------------------------------------------------------------------------

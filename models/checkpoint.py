@@ -251,6 +251,21 @@ def verify_file(directory: Path, card: Card, name: str) -> Path:
     return path
 
 
+def load_module(directory: str | Path, role: str, build, name: str) -> tuple[torch.nn.Module, Card]:
+    """A single-network checkpoint of ``role``: ``build(**card.model)`` with the weights of file ``name``, in eval
+    mode and frozen, and its card (the judge, a quality-gate critic)."""
+    card = read_card(directory)
+    where = Path(directory) / CARD
+    if card.role != role:
+        raise CheckpointError(f"{where}: role is {card.role!r}, expected {role!r}")
+    try:
+        module = build(**card.model)
+    except TypeError as e:
+        raise CheckpointError(f"{where}: model: {e}") from None
+    load_weights(directory, card, name, module)
+    return module.eval().requires_grad_(False), card
+
+
 def load_weights(directory: str | Path, card: Card, name: str, module: torch.nn.Module) -> None:
     """Verify ``name`` against the card and load it into ``module`` strictly, checking every shape."""
     directory = Path(directory)

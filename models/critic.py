@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fewstep.models.checkpoint import CheckpointError, load_weights, read_card
+from fewstep.models.checkpoint import Card, load_module
 
 CRITIC = "critic.safetensors"
 
@@ -45,13 +45,6 @@ class Critic(nn.Module):
         return torch.sigmoid(self(images.float(), pooled))
 
 
-def load_critic(directory: str | Path) -> Critic:
-    card = read_card(directory)
-    if card.role != "gate":
-        raise CheckpointError(f"{Path(directory) / 'card.json'}: role is {card.role!r}, expected 'gate'")
-    try:
-        critic = Critic(**card.model)
-    except TypeError as e:
-        raise CheckpointError(f"{Path(directory) / 'card.json'}: model: {e}") from None
-    load_weights(directory, card, CRITIC, critic)
-    return critic.eval().requires_grad_(False)
+def load_critic(directory: str | Path) -> tuple[Critic, Card]:
+    """The critic and its card (whose sha256 of the weights a student's gate names)."""
+    return load_module(directory, "gate", Critic, CRITIC)

@@ -161,8 +161,8 @@ class Registry:
             if ref is None or m.model is None:
                 continue
             try:
-                critic = load_critic(directory / ref.name)
-                if read_card(directory / ref.name).files[CRITIC].sha256 != ref.sha256:
+                critic, card = load_critic(directory / ref.name)
+                if card.files[CRITIC].sha256 != ref.sha256:
                     raise CheckpointError(f"{ref.name}: not the weights {m.name}'s card was calibrated with")
                 m.gate = LoadedGate(critic.to(device), dict(ref.thresholds))
             except CheckpointError as e:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fewstep.models.checkpoint import CheckpointError, load_weights, read_card, save_checkpoint
+from fewstep.models.checkpoint import load_module, save_checkpoint
 from fewstep.training.config import TrainConfig
 from fewstep.training.data import load_data, sample_batch
 from fewstep.training.recipe import RecipeBase
@@ -114,12 +114,4 @@ def accuracy_on_real(net: DigitClassifier, data: str = "digits", n: int = 2000) 
 
 
 def load_classifier(directory: str | Path) -> DigitClassifier:
-    card = read_card(directory)
-    if card.role != "classifier":
-        raise CheckpointError(f"{Path(directory) / 'card.json'}: role is {card.role!r}, expected 'classifier'")
-    try:
-        net = DigitClassifier(**card.model)
-    except TypeError as e:
-        raise CheckpointError(f"{Path(directory) / 'card.json'}: model: {e}") from None
-    load_weights(directory, card, CLASSIFIER, net)
-    return net.eval().requires_grad_(False)
+    return load_module(directory, "classifier", DigitClassifier, CLASSIFIER)[0]

@@ -155,6 +155,13 @@ def save_critic(out: str | Path, critic: Critic, student: TextToImage, training:
     save_checkpoint(out, card, {CRITIC: critic}, dtype="float32")
 
 
+def score_samples(critic: Critic, samples: Samples, chunk: int = 500) -> torch.Tensor:
+    """(N,) the critic's scores of ``samples`` (on the critic's device), in chunks."""
+    device = next(critic.parameters()).device
+    parts = zip(samples.images.split(chunk), samples.pooled.split(chunk), strict=True)
+    return torch.cat([critic.score(i.to(device), p.to(device)).cpu() for i, p in parts])
+
+
 def thresholds(scores: torch.Tensor, steps: torch.Tensor, rate: float) -> dict[int, float]:
     """Per step count, the score under which a share ``rate`` of the images falls (the gate sends those on)."""
     out = {}
