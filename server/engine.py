@@ -17,7 +17,10 @@ on a model that can sample step by step: models/inflight.py) runs as a *running 
 slice of device time. Between two of its steps the batcher runs one whole student batch, so a 1-step request
 waits for at most one teacher step, not a whole teacher batch; and queued jobs of the same key join the running
 batch at the next step boundary (continuous batching), each row at its own position on the time grid, so the
-teacher's batches stay full. Student and teacher slices alternate when both have work: neither starves.
+teacher's batches stay full. Student and teacher slices alternate when both have work: neither starves. A lone
+running batch with nothing else queued takes up to MAX_STEPS_PER_SLICE steps per hand-off to the device thread
+(an arrival or a cancellation ends the slice after its current step), so the teacher alone pays no per-step
+scheduling cost.
 
 Supervision: an error anywhere in a batch fails that batch's requests only; the batcher task is restarted if
 it ever ends, and /readyz says "unavailable" until it runs again.
@@ -29,6 +32,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -50,6 +54,9 @@ DEFAULT_COST_S = 0.02  # seconds per image-step before a model's first measureme
 STEPWISE_MIN_STEPS = 4  # jobs with more steps than this run step by step (a student's 1-4 run as one slice)
 RECENT_S = 2.0  # the window over which the device time of whole batches is rated (steps "auto")
 MAX_RUNNING = 4  # running batches at once (distinct keys); more wait in the queue, as do their rows and memory
+# a lone running batch with nothing else to do takes up to this many steps per slice (one executor hand-off instead
+# of one per step, as vLLM's multi-step scheduling); an arrival or a cancellation ends the slice after its step
+MAX_STEPS_PER_SLICE = 8
 
 
 class QueueFull(Exception):
@@ -170,6 +177,7 @@ class Engine:
         self.queued_work_s = 0.0
         self.cost_s: dict[str, float] = {}  # seconds per image-step, per model (warm-up, then every batch)
         self._wake: asyncio.Event | None = None
+        self._arrived = threading.Event()  # set on the event loop by arrivals and cancellations, read by the device
         self._task: asyncio.Task | None = None
         self._warm_task: asyncio.Task | None = None
         self._running: asyncio.Future | None = None  # the slice of work on the executor now
@@ -390,6 +398,7 @@ class Engine:
         self.queued_work_s += job.cost_s
         self.metrics.queue_depth.set(len(self.queue))
         self._wake.set()
+        self._arrived.set()
         try:
             return await job.future
         finally:
@@ -399,6 +408,7 @@ class Engine:
         """A job nobody waits for any more (timeout, disconnect): out of the queue and its work budget now,
         not when the running batch ends, so dead jobs do not turn live clients away."""
         job.cancelled = True
+        self._arrived.set()  # a multi-step slice ends after its step: the job's rows leave at the next one
         for child in job.children:  # the teacher's regeneration of its gated images
             self.cancel(child)
         if any(j is job for j in self.queue):
@@ -531,6 +541,7 @@ class Engine:
         self.queue.append(child)  # admitted with its request: never a 429 halfway through
         self.queued_work_s += child.cost_s
         self._wake.set()
+        self._arrived.set()
         try:
             regenerated = await child.future
         except Exception as e:
@@ -596,7 +607,10 @@ class Engine:
 
     async def _step(self, run: Running, joiners: list[Job]) -> None:
         loop = asyncio.get_running_loop()
-        self._running = loop.run_in_executor(self.executor, self._run_step, run, joiners)
+        self._arrived.clear()  # what arrives from now on ends the slice after its current step
+        alone = len(self.running) == 1 and not self._other_work_queued()
+        steps = MAX_STEPS_PER_SLICE if alone else 1  # others waiting: one step, then their turn
+        self._running = loop.run_in_executor(self.executor, self._run_step, run, joiners, steps)
         try:
             outcomes, failed = await self._running
         except Exception as e:
@@ -620,8 +634,11 @@ class Engine:
         if run.batch is None or not len(run.batch):
             self.running = [r for r in self.running if r is not run]
 
-    def _run_step(self, run: Running, joiners: list[Job]) -> tuple[list[tuple[Job, Result | BaseException]], bool]:
-        """On the executor thread: the joiners' rows join, cancelled jobs' rows leave, every row takes one step.
+    def _run_step(
+        self, run: Running, joiners: list[Job], max_steps: int = 1
+    ) -> tuple[list[tuple[Job, Result | BaseException]], bool]:
+        """On the executor thread: the joiners' rows join, cancelled jobs' rows leave, every row takes one step,
+        and more, up to ``max_steps``, while no row is done and nothing has arrived or been cancelled since.
         Returns (the jobs that are done, with their results; whether the batch failed). ``run.jobs`` is changed
         on the event loop only (``_step``), which reads it meanwhile. A model error fails every job of the batch
         (a teacher has no fallback); non-finite images fail their own job."""
@@ -639,14 +656,20 @@ class Engine:
             for job in dropped:
                 run.batch.drop(id(job))
                 self.metrics.error("dropped_in_flight")
-            rows = len(run.batch)
-            for key in jobs:
-                run.peak[key] = max(run.peak.get(key, 0), rows)
-            run.batch.step()
-            done = run.batch.pop_done()
-            now = time.perf_counter()
-            if rows:
-                self._observe_cost(entry.name, now - start, rows, 1)
+            step_start, taken = start, 0
+            while True:
+                rows = len(run.batch)
+                for key in jobs:
+                    run.peak[key] = max(run.peak.get(key, 0), rows)
+                run.batch.step()
+                done = run.batch.pop_done()
+                now = time.perf_counter()
+                if rows:
+                    self._observe_cost(entry.name, now - step_start, rows, 1)
+                taken += 1
+                if done or not len(run.batch) or taken >= max_steps or self._arrived.is_set():
+                    break
+                step_start = now
             out: list[tuple[Job, Result | BaseException]] = [(j, _Dropped()) for j in dropped]
             for owner, images in done.items():
                 job, peak = jobs[owner], run.peak.pop(owner, rows)

@@ -84,3 +84,17 @@ async def test_a_request_that_times_out_leaves_the_running_batch(models_dir):
     assert r.status_code == 504
     assert not c.engine.running
     assert 'fewstep_errors_total{type="dropped_in_flight"} 1.0' in metrics
+
+
+@pytest.mark.anyio
+async def test_a_lone_running_batch_takes_several_steps_per_device_slice(models_dir, monkeypatch):
+    """Nothing else to run: up to MAX_STEPS_PER_SLICE steps per hand-off to the device thread, not one each."""
+    from fewstep.server.engine import MAX_STEPS_PER_SLICE
+
+    async with serve_app(make_settings(models_dir, warmup=False)) as c:
+        slices, submit = [], c.engine.executor.submit
+        monkeypatch.setattr(c.engine.executor, "submit", lambda fn, *a: slices.append(fn) or submit(fn, *a))
+        r = await c.post("/v1/generate", json={**TEACHER, "n": 1})
+    assert r.status_code == 200, r.text
+    steps = [fn for fn in slices if getattr(fn, "__name__", "") == "_run_step"]
+    assert 100 / MAX_STEPS_PER_SLICE <= len(steps) < 100 / 2
