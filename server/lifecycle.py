@@ -1,5 +1,6 @@
 """Deadlines for slow clients and a drained shutdown, around the app and inside uvicorn (``fewstep serve``).
 
+- Refusals: ``HeaderDeadline`` answers a saturated engine's 429s itself (server/rejection.py).
 - Headers: ``HeaderDeadline`` (uvicorn's h11 protocol with a timer) closes a
   connection whose request headers have not all arrived ``header_timeout_s`` after it opened or after its last
   response (uvicorn has no such timeout, so sockets sending partial headers stayed open for ever). There is no
@@ -31,6 +32,7 @@ from starlette.responses import JSONResponse
 from starlette.types import Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from fewstep.server.rejection import EarlyRejection, RefusingConnection
 from fewstep.server.settings import ServeSettings
 
 log = logging.getLogger("fewstep.server")
@@ -44,7 +46,10 @@ def build_server(app: FastAPI, settings: ServeSettings) -> DrainingServer:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        http=HeaderDeadline.with_timeout(settings.header_timeout_s),
+        # refusals under overload are answered by the protocol itself (server/rejection.py)
+        http=HeaderDeadline.configure(
+            settings.header_timeout_s, EarlyRejection(app.state.engine, settings, app.state.metrics)
+        ),
         loop="asyncio",  # the drain and the deadlines are tested on asyncio's loop
         access_log=False,  # RequestContext logs every request once, with its id, status and time
         ws="none",  # no WebSocket routes; an upgrade would bypass the header deadline's bookkeeping
@@ -162,10 +167,16 @@ class HeaderDeadline(H11Protocol):
     """
 
     header_timeout_s = 10.0
+    rejection: EarlyRejection | None = None  # when set, the 429s of a saturated engine are answered here
 
     @classmethod
-    def with_timeout(cls, seconds: float) -> type[HeaderDeadline]:
-        return type(cls.__name__, (cls,), {"header_timeout_s": seconds})
+    def configure(cls, seconds: float, rejection: EarlyRejection | None = None) -> type[HeaderDeadline]:
+        return type(cls.__name__, (cls,), {"header_timeout_s": seconds, "rejection": rejection})
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if self.rejection is not None:
+            self.conn = RefusingConnection(self, self.rejection, self.config.h11_max_incomplete_event_size)
 
     _timer: asyncio.TimerHandle | None = None  # set while waiting for headers
     _waiting_since: object = None  # the request cycle current when the wait began (None: a fresh connection)

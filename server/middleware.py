@@ -5,7 +5,8 @@
   of the traffic, and each line costs the cores that run the model);
 - ``BodyLimit``: bodies over the limit are refused with 413, whether or not Content-Length is sent;
 - ``Admission``: when the engine's queue is full, POSTs to the generation routes are refused with 429 before
-  their body is parsed, validated or routed.
+  their body is parsed, validated or routed. Under ``fewstep serve`` most such refusals never get here: the
+  protocol answers them as soon as their headers are in (server/rejection.py); this refuses the rest.
 """
 
 from __future__ import annotations

@@ -250,3 +250,33 @@ def test_guidance_then_progressive_keeps_w_as_an_input(tiny_teacher, tmp_path):
     (cfg_student, *_) = distill(tiny_distill(tmp_path / "c", tiny_teacher, method="progressive"))
     assert not read_card(cfg_student).model["transformer"]["guidance_embed"]
     assert read_card(cfg_student).sampling.guidance == 1.0
+
+
+def test_guidance_distillation_on_the_teachers_trajectories(tiny_teacher, tmp_path):
+    """trajectory_fraction 1: every row of a batch is a state of the teacher's guided sampler (its time on the
+    grid, its trajectory's w and caption); 0 builds nothing and draws the batch as before; the run trains."""
+    from fewstep.training.distill.guidance import GuidanceRecipe
+
+    teacher = TextToImage.load(tiny_teacher)
+    traj = {"trajectory_fraction": 1.0, "trajectories": 4, "student_steps": [4]}
+    cfg = tiny_distill(tmp_path / "t", tiny_teacher, method="guidance", guidance=traj)
+    recipe = GuidanceRecipe(cfg, teacher)
+    recipe.setup(Context(torch.device("cpu"), recipe.module, 1, (0.9, 0.99), None))
+    bank = recipe.trajectories
+    assert bank is not None and bank.states.shape[:2] == (4, 4)
+    batch = recipe.make_batch(torch.Generator().manual_seed(0))
+    assert batch["on_trajectory"].all()
+    for x, t, w, c in zip(batch["x_trajectory"], batch["t"], batch["w"], batch["captions"], strict=True):
+        i, k = next((i, k) for i in range(4) for k in range(4) if torch.equal(bank.states[i, k], x))
+        assert t == bank.grid[k] and w == bank.w[i] and c == bank.captions[i]
+    prepared = recipe.prepare(batch, torch.device("cpu"))
+    loss, _ = recipe.train_step(prepared)
+    assert torch.isfinite(loss) and loss > 0
+    plain = GuidanceRecipe(tiny_distill(tmp_path / "p", tiny_teacher, method="guidance"), teacher)
+    plain.setup(Context(torch.device("cpu"), plain.module, 1, (0.9, 0.99), None))
+    assert plain.trajectories is None and "on_trajectory" not in plain.make_batch(torch.Generator().manual_seed(0))
+    (student,) = distill(cfg)
+    assert read_card(student).training["resolved"]["guidance_range"] == [1.0, 4.0]
+    with pytest.raises(UsageError, match="trajectory_fraction"):
+        GuidanceRecipe(tiny_distill(tmp_path, tiny_teacher, method="guidance", guidance={"trajectory_fraction": 2}),
+                       teacher)  # fmt: skip

@@ -92,6 +92,10 @@ class GuidanceSettings:
     guidance_min: float = 1.0  # w ~ U[min, max] in training; requests may ask for any w in this range
     guidance_max: float = 4.0
     student_steps: tuple[int, ...] = ()  # step counts exported; empty: the teacher's default
+    # share of each batch drawn from the teacher's own guided trajectories (the states its CFG sampler visits,
+    # at the exported step count) instead of noised data; 0: Meng et al.'s stage 1 as written (data only)
+    trajectory_fraction: float = 0.0
+    trajectories: int = 1024  # trajectories generated once (cached under OUT/teacher-data), every state kept
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
-"""Data that the teacher generates before training: (noise, ODE sample) latent pairs for reflow, and the
-synthetic training images of LADD.
+"""Data that the teacher generates before training: (noise, ODE sample) latent pairs for reflow, the
+synthetic training images of LADD, and the states of the teacher's guided ODE trajectories (guidance
+distillation, trained on the states its sampler visits).
 
 They are cached as safetensors beside the run, under a name derived from everything that determines them:
 the teacher's weights (sha256), its step count and CFG scale, the seed, the caption data and n. Changing any
@@ -23,6 +24,7 @@ from tqdm import tqdm
 from fewstep.models.pipeline import TextToImage
 from fewstep.models.sampling import sample_euler
 from fewstep.training.data import load_data, sample_batch
+from fewstep.training.distill.common import Conditioner, guided_velocity
 
 FORMAT = 1
 
@@ -88,21 +90,121 @@ def teacher_samples(
         fn = teacher.velocity_fn(teacher.encode_text(captions[lo : lo + batch_size]), guidance)
         out.append(sample_euler(fn, z, grid).cpu())
     samples = TeacherSamples(noise, torch.cat(out), captions)
-    directory.mkdir(parents=True, exist_ok=True)
+    _write(path, {"noise": samples.noise, "latents": samples.latents}, key, captions)
+    return samples
+
+
+@dataclass(frozen=True)
+class TrajectoryKey:
+    """Everything that determines a set of guided teacher trajectories."""
+
+    teacher_sha256: str
+    steps: int
+    guidance_min: float
+    guidance_max: float
+    seed: int
+    data: str
+    n: int
+    latent_shape: tuple[int, ...] = ()
+    format: int = FORMAT
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+    def path(self, directory: Path) -> Path:
+        return directory / f"teacher-trajectories-{self.digest()}.safetensors"
+
+
+@dataclass
+class Trajectories:
+    """The states x(t_k) of n Euler solutions of the teacher's guided ODE, each at its own scale w."""
+
+    states: torch.Tensor  # (n, steps, C, H, W): x at grid[k] for k < steps (the points the sampler evaluates)
+    w: torch.Tensor  # (n,) the CFG scale each trajectory was sampled at
+    grid: torch.Tensor  # (steps + 1,) from 1 to 0
+    captions: list[str]
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def draw(self, n: int, generator: torch.Generator) -> dict:
+        """n states (trajectory and step drawn uniformly) with their time, scale and caption."""
+        idx = torch.randint(0, len(self), (n,), generator=generator)
+        k = torch.randint(0, self.states.shape[1], (n,), generator=generator)
+        return {
+            "x_t": self.states[idx, k],
+            "t": self.grid[k],
+            "w": self.w[idx],
+            "captions": [self.captions[i] for i in idx],
+        }
+
+
+@torch.no_grad()
+def guided_trajectories(
+    teacher: TextToImage,
+    n: int,
+    steps: int,
+    guidance: tuple[float, float],
+    directory: Path,
+    data: str = "digits",
+    seed: int = 0,
+    batch_size: int = 128,
+) -> Trajectories:
+    """n trajectories of the teacher's CFG sampler at ``steps`` steps, w ~ U[guidance], captions drawn like the
+    training data; every state kept (cached by key, as ``teacher_samples``)."""
+    lo_w, hi_w = (float(g) for g in guidance)
+    key = TrajectoryKey(teacher.weights_sha256(), steps, lo_w, hi_w, seed, data, n, tuple(teacher.latent_shape))
+    path = key.path(directory)
+    grid = torch.tensor(teacher.grid(steps), dtype=torch.float32)
+    if path.exists():
+        cached = _cached(path, key)
+        if cached is not None:
+            tensors, captions = cached
+            return Trajectories(tensors["states"], tensors["w"], grid, captions)
+    g = torch.Generator().manual_seed(seed)
+    captions = sample_batch(load_data(data, "train"), n, g).captions
+    noise = torch.randn(n, *teacher.latent_shape, generator=g)
+    w = lo_w + (hi_w - lo_w) * torch.rand(n, generator=g)
+    states = torch.empty(n, steps, *teacher.latent_shape)
+    conditioner = Conditioner(teacher)
+    for lo in tqdm(range(0, n, batch_size), desc=f"teacher trajectories ({steps} steps)", unit="batch"):
+        x = noise[lo : lo + batch_size].to(teacher.device)
+        b = x.shape[0]
+        cond = teacher.encode_text(captions[lo : lo + batch_size])
+        empties = conditioner.empty(b)
+        wb = w[lo : lo + b].to(teacher.device)
+        for k in range(steps):
+            states[lo : lo + b, k] = x.cpu()
+            t = torch.full((b,), float(grid[k]), device=teacher.device)
+            x = x + float(grid[k + 1] - grid[k]) * guided_velocity(teacher.transformer, x, t, cond, empties, wb)
+    _write(path, {"states": states, "w": w}, key, captions)
+    return Trajectories(states, w, grid, captions)
+
+
+def _write(path: Path, tensors: dict[str, torch.Tensor], key, captions: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".part")
     save_file(
-        {"noise": samples.noise.contiguous(), "latents": samples.latents.contiguous()},
+        {k: v.contiguous() for k, v in tensors.items()},
         str(tmp),
         metadata={"key": json.dumps(asdict(key), sort_keys=True), "captions": json.dumps(captions)},
     )
     os.replace(tmp, path)  # a crash leaves a .part file, never a truncated cache under the real name
-    return samples
 
 
-def _read(path: Path, key: SampleKey) -> TeacherSamples | None:
-    """The cached samples, or None when the file is not for this key (regenerated then)."""
+def _cached(path: Path, key) -> tuple[dict[str, torch.Tensor], list[str]] | None:
+    """The cached tensors and captions, or None when the file is not for this key (regenerated then)."""
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
         if meta.get("key") != json.dumps(asdict(key), sort_keys=True):
             return None
-        return TeacherSamples(f.get_tensor("noise"), f.get_tensor("latents"), json.loads(meta["captions"]))
+        return {k: f.get_tensor(k) for k in f.keys()}, json.loads(meta["captions"])  # noqa: SIM118 (no __iter__)
+
+
+def _read(path: Path, key: SampleKey) -> TeacherSamples | None:
+    """The cached samples, or None when the file is not for this key (regenerated then)."""
+    cached = _cached(path, key)
+    if cached is None:
+        return None
+    tensors, captions = cached
+    return TeacherSamples(tensors["noise"], tensors["latents"], captions)
