@@ -13,7 +13,8 @@ requests arrive in a burst, and runs the device's work on its executor thread, s
 the model.
 
 Step-level scheduling (``step_scheduling``, on by default): many-step work (more than STEPWISE_MIN_STEPS steps
-on a model that can sample step by step: models/inflight.py) runs as a *running batch*, one model evaluation per
+on a model that can sample step by step: models/inflight.py; a teacher, or a many-step student such as a
+guidance-distilled one, whose failed jobs then go to its teacher) runs as a *running batch*, one model evaluation per
 slice of device time. Between two of its steps the batcher runs one whole student batch, so a 1-step request
 waits for at most one teacher step, not a whole teacher batch; and queued jobs of the same key join the running
 batch at the next step boundary (continuous batching), each row at its own position on the time grid, so the
@@ -156,6 +157,10 @@ class Plan:
 
 class _Dropped:
     """A cancelled job's rows left its running batch: nothing to answer (its request is gone)."""
+
+
+class _ToTeacher:
+    """A student's running batch failed (an error, or non-finite images): the job goes to the teacher."""
 
 
 def _settle(job: Job, outcome: Result | BaseException) -> None:
@@ -569,7 +574,8 @@ class Engine:
         return (
             self.settings.step_scheduling
             and entry is not None
-            and entry.role == "teacher"  # a student keeps its breaker, fallback and gate (whole batches)
+            # a student's fallback and breaker work step by step too (_ToTeacher); its gate scores whole batches
+            and (entry.role == "teacher" or entry.gate is None)
             and steps > STEPWISE_MIN_STEPS
             and size is None
             and entry is not None
@@ -624,7 +630,9 @@ class Engine:
             self._running = None
         for job, outcome in outcomes:
             run.jobs.pop(id(job), None)
-            if not isinstance(outcome, _Dropped):
+            if isinstance(outcome, _ToTeacher):
+                self._requeue_on_teacher(job, run.entry)
+            elif not isinstance(outcome, _Dropped):
                 _settle(job, outcome)
         if failed:
             run.batch = None
@@ -633,6 +641,22 @@ class Engine:
             run.jobs.clear()
         if run.batch is None or not len(run.batch):
             self.running = [r for r in self.running if r is not run]
+
+    def _requeue_on_teacher(self, job: Job, student: ServedModel) -> None:
+        """A many-step student's job whose batch failed: queued again for the student's teacher at its default
+        steps (``fallback_reason: student_error``), as a whole batch of the student would have been regenerated."""
+        teacher = self.registry.teacher_for(student.name)
+        if teacher is None or job.cancelled:
+            _settle(job, NotServable(f"{student.name} failed and has no teacher to serve it"))
+            return
+        job.model, job.steps, job.guidance = teacher.name, teacher.default_steps, None
+        job.fallback_reason = "student_error"
+        job.started, job.cost_s = None, self.estimate_s(teacher.name, len(job.seeds), teacher.default_steps, job.size)
+        self.queue.append(job)  # admitted already: never a 429 halfway through
+        self.queued_work_s += job.cost_s
+        self.metrics.queue_depth.set(len(self.queue))
+        self._wake.set()
+        self._arrived.set()
 
     def _run_step(
         self, run: Running, joiners: list[Job], max_steps: int = 1
@@ -644,6 +668,7 @@ class Engine:
         (a teacher has no fallback); non-finite images fail their own job."""
         start = time.perf_counter()
         entry = run.entry
+        student = entry.role == "student"
         jobs = dict(run.jobs)  # this step's view
         try:
             if run.batch is None:
@@ -674,9 +699,16 @@ class Engine:
             for owner, images in done.items():
                 job, peak = jobs[owner], run.peak.pop(owner, rows)
                 if not torch.isfinite(images).all():
+                    if student:  # its teacher regenerates the job, as for a whole student batch
+                        log.warning("student %s returned non-finite values; the teacher regenerates", entry.name)
+                        self.breaker.record_failure(entry.name)
+                        out.append((job, _ToTeacher()))
+                        continue
                     self.metrics.error("model_error")
                     out.append((job, NotServable(f"{entry.name} failed: non-finite values in the output")))
                     continue
+                if student:
+                    self.breaker.record_success(entry.name)
                 n = len(job.seeds)
                 steps_label = self.metrics.steps_label(job.steps)
                 self.metrics.batch_inference.labels(model=entry.name, steps=steps_label).observe(now - job.started)
@@ -690,9 +722,13 @@ class Engine:
                 out.append((job, result))
             return out, False
         except Exception as e:
+            run.batch = None
+            if student:
+                log.warning("student %s failed on a step (%s); the teacher regenerates its jobs", entry.name, e)
+                self.breaker.record_failure(entry.name)
+                return [(j, _ToTeacher()) for j in jobs.values() if not j.cancelled], True
             log.error("%s failed on a step: %s", entry.name, e)
             self.metrics.error("model_error")
-            run.batch = None
             return [(j, NotServable(f"{entry.name} failed: {e}")) for j in jobs.values()], True
 
     def _bursty(self) -> bool:

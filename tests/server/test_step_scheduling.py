@@ -98,3 +98,66 @@ async def test_a_lone_running_batch_takes_several_steps_per_device_slice(models_
     assert r.status_code == 200, r.text
     steps = [fn for fn in slices if getattr(fn, "__name__", "") == "_run_step"]
     assert 100 / MAX_STEPS_PER_SLICE <= len(steps) < 100 / 2
+
+
+@pytest.fixture(scope="module")
+def many_step_dir(models_dir, tmp_path_factory):
+    """tiny-teacher, tiny-student, tiny-many (the teacher's weights as a student that serves 8 steps, as a
+    guidance-distilled model serves its teacher's count) and tiny-many-nan (the same, returning NaN)."""
+    import shutil
+
+    import torch
+
+    from fewstep.models.flow import timesteps
+    from fewstep.models.pipeline import TextToImage
+
+    root = tmp_path_factory.mktemp("many")
+    for name in ("tiny-teacher", "tiny-student"):
+        shutil.copytree(models_dir / name, root / name)
+    teacher = TextToImage.load(root / "tiny-teacher", kernels="torch")
+    sampling = {"default_steps": 8, "sampler": "euler", "any_steps": False, "max_steps": 8,
+                "timesteps": {"8": timesteps(8)}, "guidance": 1.0}  # fmt: skip
+    lineage = {"role": "student", "parameterization": "velocity", "sampling": sampling,
+               "teacher": {"name": "tiny-teacher", "sha256": teacher.weights_sha256()}}  # fmt: skip
+    teacher.save(root / "tiny-many", {"name": "tiny-many", **lineage}, dtype="float32")
+    with torch.no_grad():
+        teacher.transformer.final_layer.linear.bias.fill_(float("nan"))
+    teacher.save(root / "tiny-many-nan", {"name": "tiny-many-nan", **lineage}, dtype="float32")
+    return root
+
+
+def _slices(engine, monkeypatch) -> list[str]:
+    names, submit = [], engine.executor.submit
+    monkeypatch.setattr(engine.executor, "submit", lambda fn, *a: names.append(fn.__name__) or submit(fn, *a))
+    return names
+
+
+@pytest.mark.anyio
+async def test_a_many_step_student_runs_step_by_step_with_the_images_of_a_whole_batch(many_step_dir, monkeypatch):
+    payload = {"prompt": "a red 7 on black", "model": "tiny-many", "n": 2, "seed": 5}
+    async with serve_app(make_settings(many_step_dir, warmup=False, max_batch=8)) as c:
+        slices = _slices(c.engine, monkeypatch)
+        stepped = await c.post("/v1/generate", json=payload)
+    assert stepped.status_code == 200, stepped.text
+    assert "_run_step" in slices and "_run_batch" not in slices
+    async with serve_app(make_settings(many_step_dir, warmup=False, step_scheduling=False)) as c:
+        whole = await c.post("/v1/generate", json=payload)
+    assert stepped.json()["served_by"] == whole.json()["served_by"] == "tiny-many" and stepped.json()["steps"] == 8
+    for a, b in zip(_pixels(stepped.json()), _pixels(whole.json()), strict=True):
+        assert np.abs(a - b).max() <= 1
+
+
+@pytest.mark.anyio
+async def test_a_failing_many_step_student_is_served_by_its_teacher_step_by_step(many_step_dir, monkeypatch):
+    settings = make_settings(many_step_dir, warmup=False, breaker_threshold=2)
+    async with serve_app(settings) as c:
+        slices = _slices(c.engine, monkeypatch)
+        bodies = []
+        for seed in range(3):
+            payload = {"prompt": "a red 7 on black", "model": "tiny-many-nan", "seed": seed}
+            r = await c.post("/v1/generate", json=payload)
+            assert r.status_code == 200, r.text
+            bodies.append(r.json())
+    assert [b["served_by"] for b in bodies] == ["tiny-teacher"] * 3
+    assert [b["fallback_reason"] for b in bodies] == ["student_error", "student_error", "circuit_open"]
+    assert slices[0] == "_run_step"  # the student ran step by step; its teacher (4 steps) regenerated whole
