@@ -10,7 +10,8 @@
   ``fewstep_errors_total{type="client_disconnected"}``, never an unhandled error.
 - Shutdown: ``DrainingServer`` turns SIGTERM into a drain. At once /readyz answers 503 and every response carries
   ``Connection: close`` (pooled keep-alive clients reconnect elsewhere instead of meeting a reset); after
-  ``drain_grace_s`` the listener closes; requests in flight finish until ``drain_timeout_s`` after the signal, when
+  ``drain_grace_s`` the listener closes (a connection with no request yet gets UNUSED_GRACE_S to send one, rather
+  than a reset); requests in flight finish until ``drain_timeout_s`` after the signal, when
   those left are answered 503; then the process exits 0. A second signal exits at once.
 
 docs/deploy.md ("Shutdown and slow clients") has the timeline and the Kubernetes values that fit it.
@@ -36,6 +37,7 @@ from fewstep.server.rejection import EarlyRejection, RefusingConnection
 from fewstep.server.settings import ServeSettings
 
 log = logging.getLogger("fewstep.server")
+UNUSED_GRACE_S = 0.5  # at shutdown, how long a connection that has had no request yet may still send one
 
 
 def build_server(app: FastAPI, settings: ServeSettings) -> DrainingServer:
@@ -199,6 +201,20 @@ class HeaderDeadline(H11Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         self._stop_timer()
+
+    def shutdown(self) -> None:
+        """uvicorn closes every idle connection once the listener has closed. One that has not had a request yet
+        may have been accepted a moment ago with its first request on the way, and closing it unread resets that
+        client: such a connection gets up to UNUSED_GRACE_S to send it, which is answered (with ``Connection:
+        close``, as every response of a drain), and is closed after that if nothing came."""
+        if self.cycle is None and not self.transport.is_closing():
+            self.loop.call_later(UNUSED_GRACE_S, self._close_if_unused)
+            return
+        super().shutdown()
+
+    def _close_if_unused(self) -> None:
+        if self.cycle is None and not self.transport.is_closing():
+            super().shutdown()
 
     def _wait_for_headers(self) -> None:
         self._stop_timer()

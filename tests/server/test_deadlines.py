@@ -170,3 +170,20 @@ def test_a_stalled_upload_does_not_hold_up_shutdown(models_dir):
         assert not served.thread.is_alive()
         assert time.monotonic() - start < DEADLINE + SLACK
         assert response(read_until_closed(s))[0] == 408
+
+
+def test_a_connection_accepted_just_before_the_listener_closes_gets_its_answer(models_dir):
+    """At the end of a drain's grace period uvicorn closes idle connections; one that had no request yet may have
+    it on the way: it is answered (told to close), not reset."""
+    with Served(models_dir, drain_grace_s=0.2) as served, served.connect() as fresh:
+        served.server.handle_exit(signal.SIGTERM, None)
+        deadline = time.monotonic() + 10
+        while not served.server.should_exit:  # the grace period is over: the listener closes
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        time.sleep(0.15)  # uvicorn has asked every connection to shut down
+        fresh.sendall(b"GET /healthz HTTP/1.1\r\nhost: t\r\n\r\n")
+        status, headers, _ = response(read_until_closed(fresh))
+        assert status == 200 and headers["connection"] == "close"
+        served.thread.join(timeout=30)
+        assert not served.thread.is_alive()
