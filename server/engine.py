@@ -696,19 +696,18 @@ class Engine:
                     break
                 step_start = now
             out: list[tuple[Job, Result | BaseException]] = [(j, _Dropped()) for j in dropped]
+            student_failed = False
             for owner, images in done.items():
                 job, peak = jobs[owner], run.peak.pop(owner, rows)
                 if not torch.isfinite(images).all():
                     if student:  # its teacher regenerates the job, as for a whole student batch
                         log.warning("student %s returned non-finite values; the teacher regenerates", entry.name)
-                        self.breaker.record_failure(entry.name)
+                        student_failed = True
                         out.append((job, _ToTeacher()))
                         continue
                     self.metrics.error("model_error")
                     out.append((job, NotServable(f"{entry.name} failed: non-finite values in the output")))
                     continue
-                if student:
-                    self.breaker.record_success(entry.name)
                 n = len(job.seeds)
                 steps_label = self.metrics.steps_label(job.steps)
                 self.metrics.batch_inference.labels(model=entry.name, steps=steps_label).observe(now - job.started)
@@ -720,6 +719,8 @@ class Engine:
                                 queue_ms=1000 * (job.started - job.enqueued), inference_ms=1000 * (now - job.started),
                                 batch_images=peak)  # fmt: skip
                 out.append((job, result))
+            if student and done:  # one outcome per slice, as one per whole batch: consecutive failures trip it
+                (self.breaker.record_failure if student_failed else self.breaker.record_success)(entry.name)
             return out, False
         except Exception as e:
             run.batch = None

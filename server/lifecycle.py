@@ -213,7 +213,7 @@ class HeaderDeadline(H11Protocol):
         super().shutdown()
 
     def _close_if_unused(self) -> None:
-        if self.cycle is None and not self.transport.is_closing():
+        if not self.transport.is_closing():  # idle: closed; a request in flight: closed after its response
             super().shutdown()
 
     def _wait_for_headers(self) -> None:

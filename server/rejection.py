@@ -7,8 +7,9 @@ before a body is parsed; this answers the same refusal with less: h11 frames a p
 body events that follow are skipped by uvicorn's own path for a response sent before the body was read.
 
 Only requests that nothing else must see are answered here: POST to a generation path, HTTP/1.1 with keep-alive,
-a Content-Length within the body limit, no Transfer-Encoding, the right API key (when keys are set), and not while
-draining. Anything else takes the normal path, where ``Admission`` refuses it the same way.
+a Content-Length within the body limit, no Transfer-Encoding or Expect, the right API key (when keys are set), not
+while draining, and not while the connection's writes are paused (a client that does not read its answers).
+Anything else takes the normal path, where ``Admission`` refuses it the same way.
 """
 
 from __future__ import annotations
@@ -58,8 +59,8 @@ class EarlyRejection:
                 auth = value
             elif name == b"x-request-id":
                 rid = value
-            elif name == b"transfer-encoding" or (name == b"connection" and b"close" in value.lower()):
-                return None
+            elif name in (b"transfer-encoding", b"expect") or (name == b"connection" and b"close" in value.lower()):
+                return None  # chunked, 100-continue (Admission reads such a body), or a close the app must honour
         if length is None or not length.isdigit() or int(length) > self.limit:
             return None
         if self.keys and auth not in self.keys:
@@ -88,7 +89,8 @@ class RefusingConnection(h11.Connection):
             event = super().next_event()
             if not isinstance(event, h11.Request):
                 return event
-            headers = self._refuse(event)
+            # a client that does not read its refusals must not make us buffer them: the normal path waits
+            headers = None if self._protocol.flow.write_paused else self._refuse(event)
             if headers is None:
                 return event
             out = self.send(h11.Response(status_code=429, headers=headers))

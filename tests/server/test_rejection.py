@@ -69,3 +69,17 @@ def test_requests_the_app_must_see_take_the_normal_path(saturated):
         status, headers, _ = response(read_until_closed(s))  # refused by Admission, then closed as asked
         assert status == 429 and headers["connection"] == "close"
     assert served.app.state.metrics.registry.get_sample_value("fewstep_rejected_total") == 1
+
+
+def test_expect_100_continue_takes_the_normal_path(saturated):
+    """Refused before the body, a client waiting for 100 Continue would be left holding its body: Admission asks
+    for it (100 Continue), reads it, then refuses, and the connection stays in step."""
+    served, engine = saturated
+    with served.connect() as s:
+        s.sendall(post(b"", length=len(BODY), authorization="Bearer KEY", expect="100-continue"))
+        assert s.recv(65536).startswith(b"HTTP/1.1 100 ")
+        s.sendall(BODY)
+        assert read_response(s)[0] == 429
+        del engine.saturated
+        s.sendall(post(authorization="Bearer KEY"))
+        assert read_response(s)[0] == 200

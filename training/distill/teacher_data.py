@@ -106,6 +106,7 @@ class TrajectoryKey:
     data: str
     n: int
     latent_shape: tuple[int, ...] = ()
+    grid: tuple[float, ...] = ()  # the sampler's times: a schedule change makes other states
     format: int = FORMAT
 
     def digest(self) -> str:
@@ -153,7 +154,8 @@ def guided_trajectories(
     """n trajectories of the teacher's CFG sampler at ``steps`` steps, w ~ U[guidance], captions drawn like the
     training data; every state kept (cached by key, as ``teacher_samples``)."""
     lo_w, hi_w = (float(g) for g in guidance)
-    key = TrajectoryKey(teacher.weights_sha256(), steps, lo_w, hi_w, seed, data, n, tuple(teacher.latent_shape))
+    times = tuple(float(t) for t in teacher.grid(steps))
+    key = TrajectoryKey(teacher.weights_sha256(), steps, lo_w, hi_w, seed, data, n, tuple(teacher.latent_shape), times)
     path = key.path(directory)
     grid = torch.tensor(teacher.grid(steps), dtype=torch.float32)
     if path.exists():
@@ -183,7 +185,7 @@ def guided_trajectories(
 
 def _write(path: Path, tensors: dict[str, torch.Tensor], key, captions: list[str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".part")
+    tmp = path.with_suffix(f".{os.getpid()}.part")  # one per process: the ranks of a parallel run all write
     save_file(
         {k: v.contiguous() for k, v in tensors.items()},
         str(tmp),
