@@ -179,7 +179,9 @@ def _fsdp_run(flux, out: Path, world: int, max_steps: int) -> None:
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([*launch, "-m", "fewstep.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
+    # every rank's error lines first: the root cause is often another rank's, far from the tail
+    errors = [line for line in done.stderr.splitlines() if "Error" in line or "error:" in line]
+    assert done.returncode == 0, "\n".join(errors[-40:]) + "\n...\n" + done.stderr[-2000:]
 
 
 @pytest.mark.slow
