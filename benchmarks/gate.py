@@ -18,7 +18,7 @@ import sys
 import time
 
 import httpx
-from report import replace_section
+from report import publish_section
 from serve import NODELAY, Server, percentile
 from slo import judge
 
@@ -89,10 +89,7 @@ def main() -> int:
               f"benchmark prompts per row (`fewstep eval`'s, so FD compares with its tables at the same n), "
               f"{args.clients} closed-loop clients; `python benchmarks/gate.py --models {args.models} --n {args.n} "
               f"--steps {args.steps}`."]  # fmt: skip
-    text = "\n".join(lines) + "\n"
-    replace_section(args.out, "Quality gate", text)
-    print(text)
-    return 0
+    return publish_section(args.out, "Quality gate", lines)
 
 
 if __name__ == "__main__":

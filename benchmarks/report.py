@@ -18,3 +18,11 @@ def replace_section(path: str | Path, title: str, body: str) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + section
     path.write_text(text)
+
+
+def publish_section(path: str | Path, title: str, lines: list[str]) -> int:
+    """A benchmark's last step: its lines as the ``## title`` section of ``path``, echoed; -> exit status 0."""
+    text = "\n".join(lines) + "\n"
+    replace_section(path, title, text)
+    print(text)
+    return 0

@@ -28,7 +28,7 @@ import time
 
 import httpx
 from loadgen import RawPool
-from report import replace_section
+from report import publish_section
 from serve import Server, percentile
 
 WARM_S = 3.0  # closed-loop clients run this long before a window counts: batches reach their steady size
@@ -164,10 +164,7 @@ def main() -> int:
         f"at a time; `python benchmarks/scheduling.py --models {args.models} --requests {args.requests} "
         f"--rounds {args.rounds} --window-s {args.window_s:g}`.",
     ]
-    text = "\n".join(lines) + "\n"
-    replace_section(args.out, "Step-level scheduling", text)
-    print(text)
-    return 0
+    return publish_section(args.out, "Step-level scheduling", lines)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import httpx
 import numpy as np
 import torch
 from PIL import Image
-from report import replace_section
+from report import publish_section
 from serve import NODELAY, Server, percentile
 
 from fewstep.paths import resolve_model
@@ -133,10 +133,7 @@ def main() -> int:
               f"`python benchmarks/slo.py --models {args.models} --slo-ms {args.slo_ms:g}`. FD: the classifier's "
               "features of the served images against 1000 real test images (`fewstep eval`'s measure; it moves "
               "with n, so compare the two rows, not with eval tables at n = 1000)."]  # fmt: skip
-    text = "\n".join(lines) + "\n"
-    replace_section(args.out, "SLO-aware steps", text)
-    print(text)
-    return 0
+    return publish_section(args.out, "SLO-aware steps", lines)
 
 
 if __name__ == "__main__":

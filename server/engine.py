@@ -399,11 +399,7 @@ class Engine:
             raise QueueFull()
         job.future = asyncio.get_running_loop().create_future()
         self._arrival_gap_s, self._last_arrival = job.enqueued - self._last_arrival, job.enqueued
-        self.queue.append(job)
-        self.queued_work_s += job.cost_s
-        self.metrics.queue_depth.set(len(self.queue))
-        self._wake.set()
-        self._arrived.set()
+        self._enqueue(job)
         try:
             return await job.future
         finally:
@@ -421,6 +417,14 @@ class Engine:
             self.metrics.error("dropped_before_run")
 
     # ---- batching ----------------------------------------------------------------------------------------
+    def _enqueue(self, job: Job) -> None:
+        """An admitted job into the queue and its work budget; wakes the batcher and ends a multi-step slice."""
+        self.queue.append(job)
+        self.queued_work_s += job.cost_s
+        self.metrics.queue_depth.set(len(self.queue))
+        self._wake.set()
+        self._arrived.set()
+
     def _remove(self, jobs: list[Job]) -> None:
         gone = {id(j) for j in jobs}
         self.queue = deque(j for j in self.queue if id(j) not in gone)
@@ -543,10 +547,7 @@ class Engine:
         child.cost_s = self.estimate_s(child.model, len(child.seeds), child.steps, child.size)
         child.future = asyncio.get_running_loop().create_future()
         job.children.append(child)
-        self.queue.append(child)  # admitted with its request: never a 429 halfway through
-        self.queued_work_s += child.cost_s
-        self._wake.set()
-        self._arrived.set()
+        self._enqueue(child)  # admitted with its request: never a 429 halfway through
         try:
             regenerated = await child.future
         except Exception as e:
@@ -578,7 +579,6 @@ class Engine:
             and (entry.role == "teacher" or entry.gate is None)
             and steps > STEPWISE_MIN_STEPS
             and size is None
-            and entry is not None
             and hasattr(entry.model, "inflight")
         )
 
@@ -652,11 +652,7 @@ class Engine:
         job.model, job.steps, job.guidance = teacher.name, teacher.default_steps, None
         job.fallback_reason = "student_error"
         job.started, job.cost_s = None, self.estimate_s(teacher.name, len(job.seeds), teacher.default_steps, job.size)
-        self.queue.append(job)  # admitted already: never a 429 halfway through
-        self.queued_work_s += job.cost_s
-        self.metrics.queue_depth.set(len(self.queue))
-        self._wake.set()
-        self._arrived.set()
+        self._enqueue(job)  # admitted already: never a 429 halfway through
 
     def _run_step(
         self, run: Running, joiners: list[Job], max_steps: int = 1
@@ -820,9 +816,10 @@ class Engine:
             log.warning("the quality gate of %s failed: %s", entry.name, e)
             self.metrics.error("gate_error")
             return None
-        for x in scores.tolist():
+        values = scores.tolist()
+        for x in values:
             self.metrics.gate_score.observe(x)
-        return scores.tolist()
+        return values
 
     @staticmethod
     def _generate(

@@ -15,6 +15,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from safetensors import safe_open
@@ -29,9 +30,23 @@ from fewstep.training.distill.common import Conditioner, guided_velocity
 FORMAT = 1
 
 
+class _CacheKey:
+    """A frozen dataclass of everything that determines a cached file; ``PREFIX`` names its kind."""
+
+    PREFIX: ClassVar[str]
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+    def path(self, directory: Path) -> Path:
+        return directory / f"{self.PREFIX}-{self.digest()}.safetensors"
+
+
 @dataclass(frozen=True)
-class SampleKey:
+class SampleKey(_CacheKey):
     """Everything that determines a set of teacher samples."""
+
+    PREFIX: ClassVar[str] = "teacher-samples"
 
     teacher_sha256: str
     steps: int
@@ -41,12 +56,6 @@ class SampleKey:
     n: int
     latent_shape: tuple[int, ...] = ()  # a Flux teacher's depends on the training resolution
     format: int = FORMAT
-
-    def digest(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
-
-    def path(self, directory: Path) -> Path:
-        return directory / f"teacher-samples-{self.digest()}.safetensors"
 
 
 @dataclass
@@ -95,8 +104,10 @@ def teacher_samples(
 
 
 @dataclass(frozen=True)
-class TrajectoryKey:
+class TrajectoryKey(_CacheKey):
     """Everything that determines a set of guided teacher trajectories."""
+
+    PREFIX: ClassVar[str] = "teacher-trajectories"
 
     teacher_sha256: str
     steps: int
@@ -108,12 +119,6 @@ class TrajectoryKey:
     latent_shape: tuple[int, ...] = ()
     grid: tuple[float, ...] = ()  # the sampler's times: a schedule change makes other states
     format: int = FORMAT
-
-    def digest(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
-
-    def path(self, directory: Path) -> Path:
-        return directory / f"teacher-trajectories-{self.digest()}.safetensors"
 
 
 @dataclass
