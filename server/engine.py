@@ -392,7 +392,10 @@ class Engine:
         """When to come back: the queued work's estimated time, at least the configured minimum."""
         return max(self.settings.retry_after_s, math.ceil(self.queued_work_s))
 
-    async def submit(self, job: Job) -> Result:
+    def submit(self, job: Job) -> asyncio.Future:
+        """Admit the job into the queue (or raise QueueFull): -> the future of its Result. Whoever stops waiting
+        for it calls ``cancel`` (a future, not a task: under load every task a request creates costs the event
+        loop, on the cores the model runs on)."""
         job.cost_s = self.estimate_s(job.model, len(job.seeds), job.steps, job.size)
         # an empty queue takes any one job (the request limits bound it); otherwise its work must fit
         if self.queue and (self.saturated() or self.queued_work_s + job.cost_s > self.settings.max_queued_work_s):
@@ -400,15 +403,14 @@ class Engine:
         job.future = asyncio.get_running_loop().create_future()
         self._arrival_gap_s, self._last_arrival = job.enqueued - self._last_arrival, job.enqueued
         self._enqueue(job)
-        try:
-            return await job.future
-        finally:
-            self.cancel(job)
+        return job.future
 
     def cancel(self, job: Job) -> None:
         """A job nobody waits for any more (timeout, disconnect): out of the queue and its work budget now,
         not when the running batch ends, so dead jobs do not turn live clients away."""
         job.cancelled = True
+        if job.future is not None and not job.future.done():
+            job.future.cancel()  # nobody will read what the batch would have set
         self._arrived.set()  # a multi-step slice ends after its step: the job's rows leave at the next one
         for child in job.children:  # the teacher's regeneration of its gated images
             self.cancel(child)

@@ -80,7 +80,7 @@ class ImageService:
                 "candidates": [{"model": d.model, "steps": d.steps, "predicted_ms": 1000 * p}
                                for d, p in served.plan.candidates]},
         )  # fmt: skip
-        return JSONResponse(out.model_dump())
+        return Response(out.model_dump_json(), media_type="application/json")  # pydantic's serializer: no dict
 
     # ---- POST /v1/images/generations (OpenAI) ------------------------------------------------------------
     async def images(self, body: ImagesRequest, request: Request) -> Response:
@@ -263,15 +263,24 @@ class ImageService:
 
         Event-driven, not polled: with the body read, the next ASGI message is the client's disconnect, so one
         task waits for it beside the job (polling every request every few ms cost a core's tenth under load)."""
-        task = asyncio.ensure_future(self.engine.submit(job))
-        gone = asyncio.ensure_future(_disconnected(request))
         retry = {"Retry-After": str(self.settings.retry_after_s)}
         try:
+            result = self.engine.submit(job)
+        except QueueFull:
+            raise APIError(
+                429,
+                "the queue is full; retry later",
+                "rate_limit_error",
+                code="queue_full",
+                headers={"Retry-After": str(self.engine.retry_after_s())},
+            ) from None
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
             done, _ = await asyncio.wait(
-                {task, gone}, timeout=self.settings.request_timeout_s, return_when=asyncio.FIRST_COMPLETED
+                {result, gone}, timeout=self.settings.request_timeout_s, return_when=asyncio.FIRST_COMPLETED
             )
-            if task in done:
-                return task.result()
+            if result in done:
+                return result.result()
             self.engine.cancel(job)
             if gone in done:  # counted by the APIError handler
                 raise APIError(499, "client disconnected", code="client_disconnected")
@@ -285,22 +294,14 @@ class ImageService:
             self.engine.cancel(job)
             self.metrics.error("client_disconnected")
             raise
-        except QueueFull:
-            raise APIError(
-                429,
-                "the queue is full; retry later",
-                "rate_limit_error",
-                code="queue_full",
-                headers={"Retry-After": str(self.engine.retry_after_s())},
-            ) from None
         except NotServable as e:
             raise APIError(503, str(e), "server_error", code="model_unavailable", headers=retry) from None
         except BatchFailed as e:
             raise APIError(500, str(e), "server_error", code="internal_error") from None
         finally:
-            for t in (task, gone):
-                if not t.done():
-                    t.cancel()
+            self.engine.cancel(job)  # out of the queue if still there; a running batch drops it at its next step
+            if not gone.done():
+                gone.cancel()
 
     # ---- GET /v1/models ----------------------------------------------------------------------------------
     def models(self) -> dict:
