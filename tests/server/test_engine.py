@@ -116,3 +116,23 @@ def test_a_disconnected_client_is_dropped_before_it_runs(models_dir):
     assert 'fewstep_errors_total{type="dropped_before_run"} 1.0' in text
     # the abandoned job never ran: only the busy request's 8 images were generated
     assert 'fewstep_images_generated_total{model="tiny-teacher"} 8.0' in text
+
+
+@pytest.mark.anyio
+async def test_submit_returns_the_jobs_future_and_cancel_drops_it_unsettled(models_dir):
+    from fewstep.server.engine import Job, NotServable, QueueFull, _settle
+
+    async with serve_app(make_settings(models_dir, warmup=False, queue_size=1)) as c:
+        engine = c.engine
+        job = Job(model="tiny-teacher", requested="tiny-teacher", prompt="a red 7 on black", steps=10,
+                  guidance=None, seeds=[0])  # fmt: skip
+        # no await below: the batcher cannot take the job in between
+        future = engine.submit(job)
+        assert future is job.future and not future.done() and job in engine.queue
+        other = Job(model="tiny-teacher", requested="tiny-teacher", prompt="x", steps=1, guidance=None, seeds=[1])
+        with pytest.raises(QueueFull):  # admission happens at submit, before anything is awaited
+            engine.submit(other)
+        engine.cancel(job)  # the client left
+        assert future.cancelled() and job not in engine.queue
+        _settle(job, NotServable("late"))  # what a batch would do with it: nothing (no unread exception)
+        assert future.cancelled()
