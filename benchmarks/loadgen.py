@@ -24,35 +24,49 @@ class RawConnection:
     """One blocking keep-alive connection for sequential requests: the latency rows' client, whose own cost per
     request is a send and a few receives (httpx adds about 4 ms per request on a 2-core VM)."""
 
+    TIMEOUT_S = 300.0  # a hung server fails the benchmark instead of blocking it
+
     def __init__(self, port: int, headers: dict[str, str] | None = None, path: str = "/v1/generate"):
         self.port, self.path = port, path
         self.headers = {**(headers or {}), "content-type": "application/json"}
-        self.sock = socket.create_connection((HOST, port))
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock: socket.socket | None = None
         self.buf = b""
 
+    def _connect(self) -> socket.socket:
+        if self.sock is None:
+            self.sock = socket.create_connection((HOST, self.port), timeout=self.TIMEOUT_S)
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.buf = b""
+        return self.sock
+
     def post(self, payload: dict) -> tuple[int, bytes]:
-        """-> (status, body)."""
-        self.sock.sendall(raw_request(self.port, "POST", self.path, self.headers, json.dumps(payload).encode()))
+        """-> (status, body). Only Content-Length framing (what uvicorn sends for these responses)."""
+        self._connect().sendall(raw_request(self.port, "POST", self.path, self.headers, json.dumps(payload).encode()))
         while b"\r\n\r\n" not in self.buf:
             self._recv()
         head, _, self.buf = self.buf.partition(b"\r\n\r\n")
         lines = head.decode("latin-1").split("\r\n")
         fields = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
-        length = int(fields.get("content-length", "0"))
+        if "content-length" not in fields:
+            raise ConnectionError(f"a response without Content-Length ({lines[0]!r}): not supported here")
+        length = int(fields["content-length"])
         while len(self.buf) < length:
             self._recv()
         body, self.buf = self.buf[:length], self.buf[length:]
+        if fields.get("connection", "").lower() == "close":
+            self.close()  # the next request opens a new connection
         return int(lines[0].split()[1]), body
 
     def _recv(self) -> None:
-        data = self.sock.recv(1 << 16)
+        data = self._connect().recv(1 << 16)
         if not data:
             raise ConnectionError("the server closed the connection")
         self.buf += data
 
     def close(self) -> None:
-        self.sock.close()
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
 
     def __enter__(self) -> RawConnection:
         return self

@@ -100,8 +100,10 @@ def latencies(url: str, payload: dict, n: int, client: str = "raw") -> tuple[str
                 r.raise_for_status()
         return served_by, out
     with RawConnection(int(url.rsplit(":", 1)[1])) as c:
-        status, body = c.post(payload)
-        served_by = json.loads(body)["served_by"]  # one more warm-up through HTTP
+        status, body = c.post(payload)  # one more warm-up through HTTP
+        if status != 200:
+            raise RuntimeError(f"status {status}: {body[:200]!r}")
+        served_by = json.loads(body)["served_by"]
         for i in range(n):
             t0 = time.perf_counter()
             status, body = c.post({**payload, "seed": 1000 + i})
@@ -178,6 +180,8 @@ def main() -> int:
     p.add_argument("--max-batch", type=int, default=32, help="the batching server's max_batch (default 32)")
     p.add_argument("--rounds", type=int, default=3, help="rounds of the HTTP / in-process comparison (default 3)")
     args = p.parse_args()
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
     on_flags = dict(max_batch=args.max_batch, max_wait_ms=5, queue_size=512)
 
     with Server(args.models, **on_flags) as on:

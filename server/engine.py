@@ -532,6 +532,8 @@ class Engine:
         """The quality gate's second half, inside the same request: the images the gate doubted go to the teacher
         as a job of their own (scheduled like any teacher work, joining a running batch when one is there); the
         request is answered when they are back. If the teacher fails, the student's images stand."""
+        if job.cancelled:  # its request left between the batch and this task's first step: nothing to redo
+            return
         teacher = self.registry.teacher_for(job.model)
         idx = result.regenerate
         if teacher is None:

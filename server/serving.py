@@ -300,6 +300,8 @@ class ImageService:
             raise APIError(500, str(e), "server_error", code="internal_error") from None
         finally:
             self.engine.cancel(job)  # out of the queue if still there; a running batch drops it at its next step
+            if result.done() and not result.cancelled():
+                result.exception()  # settled in the turn this handler was cancelled: read, so asyncio logs nothing
             if not gone.done():
                 gone.cancel()
 
