@@ -281,7 +281,6 @@ class ImageService:
             )
             if result in done:
                 return result.result()
-            self.engine.cancel(job)
             if gone in done:  # counted by the APIError handler
                 raise APIError(499, "client disconnected", code="client_disconnected")
             raise APIError(
@@ -291,7 +290,6 @@ class ImageService:
                 code="timeout",
             )
         except asyncio.CancelledError:  # the server cancelled the handler (client gone, or the drain deadline)
-            self.engine.cancel(job)
             self.metrics.error("client_disconnected")
             raise
         except NotServable as e:
@@ -299,7 +297,9 @@ class ImageService:
         except BatchFailed as e:
             raise APIError(500, str(e), "server_error", code="internal_error") from None
         finally:
-            self.engine.cancel(job)  # out of the queue if still there; a running batch drops it at its next step
+            # every way out (result, timeout, disconnect, cancellation): out of the queue if still there; a running
+            # batch drops it at its next step
+            self.engine.cancel(job)
             if result.done() and not result.cancelled():
                 result.exception()  # settled in the turn this handler was cancelled: read, so asyncio logs nothing
             if not gone.done():
