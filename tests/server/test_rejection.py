@@ -24,6 +24,7 @@ def post(body: bytes = BODY, length: int | None = None, **headers: str) -> bytes
 
 
 def read_response(s: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    s.settimeout(30)  # a response that never comes fails the test instead of hanging the suite
     data = b""
     while b"\r\n\r\n" not in data:
         data += s.recv(65536)
