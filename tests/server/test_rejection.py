@@ -27,7 +27,9 @@ def read_response(s: socket.socket) -> tuple[int, dict[str, str], bytes]:
     s.settimeout(30)  # a response that never comes fails the test instead of hanging the suite
     data = b""
     while b"\r\n\r\n" not in data:
-        data += s.recv(65536)
+        chunk = s.recv(65536)
+        assert chunk, f"the server closed the connection before a response; got {data[:200]!r}"
+        data += chunk
     status, headers, body = response(data)
     while len(body) < int(headers.get("content-length", 0)):
         body += s.recv(65536)
