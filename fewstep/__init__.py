@@ -23,18 +23,17 @@ def _unshadow_installed_packages() -> None:
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    for name in ("kernels",):
-        spec = None if name in sys.modules else importlib.util.find_spec(name)
-        if spec is None or spec.origin is None or Path(spec.origin).resolve().parent.parent != root:
-            continue  # already imported, absent, or not ours
-        saved = sys.path[:]
-        sys.path[:] = [p for p in saved if Path(p or ".").resolve() != root]
-        try:
-            importlib.import_module(name)
-        except Exception:  # not installed (or broken): transformers will not find a distribution and skip it
-            sys.modules.pop(name, None)
-        finally:
-            sys.path[:] = saved
+    spec = None if "kernels" in sys.modules else importlib.util.find_spec("kernels")
+    if spec is None or spec.origin is None or Path(spec.origin).resolve().parent.parent != root:
+        return  # already imported, absent, or not ours
+    saved = sys.path[:]
+    sys.path[:] = [p for p in saved if Path(p or ".").resolve() != root]
+    try:
+        importlib.import_module("kernels")
+    except Exception:  # not installed (or broken): transformers will not find a distribution and skip it
+        sys.modules.pop("kernels", None)
+    finally:
+        sys.path[:] = saved
 
 
 _unshadow_installed_packages()

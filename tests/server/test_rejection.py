@@ -32,7 +32,9 @@ def read_response(s: socket.socket) -> tuple[int, dict[str, str], bytes]:
         data += chunk
     status, headers, body = response(data)
     while len(body) < int(headers.get("content-length", 0)):
-        body += s.recv(65536)
+        chunk = s.recv(65536)
+        assert chunk, "the server closed the connection inside a response body"
+        body += chunk
     return status, headers, body
 
 
