@@ -22,3 +22,12 @@ def test_installed_kernels_package_wins_over_the_checkout_folder():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert Path(out.stdout.strip()).resolve().parent != ROOT / "kernels"
+
+
+def test_no_benchmark_script_shadows_an_installed_module(tmp_path):
+    """``python benchmarks/x.py`` puts benchmarks/ first on sys.path: a script named like an installed module
+    (benchmarks/kernels.py did, once transformers depended on ``kernels``) breaks every import of that module."""
+    stems = sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py"))
+    code = f"import importlib.util as u; print([n for n in {stems!r} if u.find_spec(n)])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path)
+    assert out.stdout.strip() == "[]"

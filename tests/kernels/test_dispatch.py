@@ -107,9 +107,9 @@ def test_shipped_teacher_images_match_within_2_of_255(tmp_path):
 
 
 def test_kernel_benchmark_runs(tmp_path):
-    """benchmarks/kernels.py --smoke: every kernel runs through the benchmark and agrees with its reference."""
+    """benchmarks/kernel_bench.py --smoke: every kernel runs through the benchmark and agrees with its reference."""
     out = tmp_path / "kernels.md"
-    script = Path(__file__).resolve().parents[2] / "benchmarks" / "kernels.py"
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "kernel_bench.py"
     run = subprocess.run(
         [sys.executable, str(script), "--smoke", "--out", str(out)],
         capture_output=True,

@@ -23,19 +23,29 @@ def post(body: bytes = BODY, length: int | None = None, **headers: str) -> bytes
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
-def read_response(s: socket.socket) -> tuple[int, dict[str, str], bytes]:
-    s.settimeout(30)  # a response that never comes fails the test instead of hanging the suite
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = s.recv(65536)
-        assert chunk, f"the server closed the connection before a response; got {data[:200]!r}"
-        data += chunk
-    status, headers, body = response(data)
-    while len(body) < int(headers.get("content-length", 0)):
-        chunk = s.recv(65536)
-        assert chunk, "the server closed the connection inside a response body"
-        body += chunk
-    return status, headers, body
+class Responses:
+    """Reads one HTTP/1.1 response at a time from a socket. Pipelined responses may arrive in one recv(): what
+    follows a response's body is kept for the next read (dropping it left the second response unread)."""
+
+    def __init__(self, s: socket.socket):
+        self.s, self.buffer = s, b""
+        s.settimeout(30)  # a response that never comes fails the test instead of hanging the suite
+
+    def _fill(self, what: str) -> None:
+        chunk = self.s.recv(65536)
+        assert chunk, f"the server closed the connection {what}; got {self.buffer[:200]!r}"
+        self.buffer += chunk
+
+    def next(self) -> tuple[int, dict[str, str], bytes]:
+        while b"\r\n\r\n" not in self.buffer:
+            self._fill("before a response")
+        head, _, _ = self.buffer.partition(b"\r\n\r\n")
+        status, headers, _ = response(head + b"\r\n\r\n")
+        end = len(head) + 4 + int(headers.get("content-length", 0))
+        while len(self.buffer) < end:
+            self._fill("inside a response body")
+        body, self.buffer = self.buffer[len(head) + 4 : end], self.buffer[end:]
+        return status, headers, body
 
 
 @pytest.fixture
@@ -49,18 +59,19 @@ def saturated(models_dir):
 def test_a_saturated_server_answers_429_before_the_body_and_keeps_the_connection(saturated):
     served, engine = saturated
     with served.connect() as s:
+        read_response = Responses(s).next
         # the headers only: the Admission middleware would wait for the 40-byte body; the protocol does not
         s.sendall(post(b"", length=40, authorization="Bearer KEY", **{"x-request-id": "abc-1"}))
-        status, headers, body = read_response(s)
+        status, headers, body = read_response()
         assert status == 429 and int(headers["retry-after"]) >= 1 and headers["x-request-id"] == "abc-1"
         assert json.loads(body) == {"error": {"message": "the queue is full; retry later", "type": "rate_limit_error",
                                               "param": None, "code": "queue_full"}}  # fmt: skip
         s.sendall(b"x" * 40)  # the refused request's body, skipped
         s.sendall(post(b"not JSON", authorization="Bearer KEY") * 2)  # two pipelined: two refusals
-        assert [read_response(s)[0] for _ in range(2)] == [429, 429]
+        assert [read_response()[0] for _ in range(2)] == [429, 429]
         del engine.saturated  # the queue has room again: the same connection is served
         s.sendall(post(authorization="Bearer KEY"))
-        status, headers, body = read_response(s)
+        status, headers, body = read_response()
         assert status == 200 and json.loads(body)["served_by"], body[:200]
     assert served.app.state.metrics.registry.get_sample_value("fewstep_rejected_total") == 3
 
@@ -68,10 +79,11 @@ def test_a_saturated_server_answers_429_before_the_body_and_keeps_the_connection
 def test_requests_the_app_must_see_take_the_normal_path(saturated):
     served, _ = saturated
     with served.connect() as s:
+        responses = Responses(s)
         s.sendall(post(authorization="Bearer WRONG"))
-        assert read_response(s)[0] == 401  # a wrong key learns nothing about the queue
-        s.sendall(post(authorization="Bearer KEY", connection="close"))
-        status, headers, _ = response(read_until_closed(s))  # refused by Admission, then closed as asked
+        assert responses.next()[0] == 401  # a wrong key learns nothing about the queue
+        s.sendall(post(authorization="Bearer KEY", connection="close"))  # refused by Admission, then closed as asked
+        status, headers, _ = response(responses.buffer + read_until_closed(s))
         assert status == 429 and headers["connection"] == "close"
     assert served.app.state.metrics.registry.get_sample_value("fewstep_rejected_total") == 1
 
@@ -82,9 +94,10 @@ def test_expect_100_continue_takes_the_normal_path(saturated):
     served, engine = saturated
     with served.connect() as s:
         s.sendall(post(b"", length=len(BODY), authorization="Bearer KEY", expect="100-continue"))
-        assert s.recv(65536).startswith(b"HTTP/1.1 100 ")
+        assert s.recv(65536).startswith(b"HTTP/1.1 100 ")  # nothing else can come before the body is sent
+        read_response = Responses(s).next
         s.sendall(BODY)
-        assert read_response(s)[0] == 429
+        assert read_response()[0] == 429
         del engine.saturated
         s.sendall(post(authorization="Bearer KEY"))
-        assert read_response(s)[0] == 200
+        assert read_response()[0] == 200

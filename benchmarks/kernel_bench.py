@@ -1,6 +1,6 @@
 """Kernel benchmark: each Triton kernel against its PyTorch reference, and attention against every SDPA backend.
 
-    python benchmarks/kernels.py --out docs/kernels-<card>.md     # on a CUDA GPU
+    python benchmarks/kernel_bench.py --out docs/kernels-<card>.md     # on a CUDA GPU
 
 Shapes: Flux at 1024² (batch 1, 24 heads, 4096 image + 512 text tokens, head_dim 128, bf16) and the digits
 model (batch 64, 4 heads, 16 + 12 tokens, head_dim 64). Prints milliseconds, TFLOP/s (attention:
@@ -8,7 +8,7 @@ model (batch 64, 4 heads, 16 + 12 tokens, head_dim 64). Prints milliseconds, TFL
 name; targets on an H100 (issue 5): attention ≥ SDPA's best backend and ≥ 500 TFLOP/s, qk_norm_rope ≥ 80 %
 of memory bandwidth.
 
-    TRITON_INTERPRET=1 python benchmarks/kernels.py --smoke     # any machine: tiny shapes, checks it runs
+    TRITON_INTERPRET=1 python benchmarks/kernel_bench.py --smoke     # any machine: tiny shapes, checks it runs
 
 The smoke run checks that every kernel runs and agrees with its reference; its times mean nothing.
 """
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         if out.exists():
             p.error(f"{out} exists; pick another --out (results are never overwritten)")
-        out.write_text(f"# Kernel benchmark\n\n`python benchmarks/kernels.py --out {out}`\n\n{table}")
+        out.write_text(f"# Kernel benchmark\n\n`python benchmarks/kernel_bench.py --out {out}`\n\n{table}")
         print(f"wrote {out}")
     return 0
 
