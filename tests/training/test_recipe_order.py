@@ -83,12 +83,56 @@ def test_ladd_heads_give_every_token_of_every_head_a_logit_and_train_one_step_of
     tf = recipe.teacher.transformer
     x = torch.randn(3, *recipe.teacher.latent_shape)
     cond = recipe.cond(["a red 7 on black", "a", "b"])
-    logits = recipe.discriminate(recipe._heads, x, torch.tensor([0.3, 0.6, 0.9]), cond)
+    logits, _ = recipe.discriminate(recipe._heads, x, torch.tensor([0.3, 0.6, 0.9]), cond)
     tokens = (recipe.teacher.config.latent_size // tf.cfg.patch_size) ** 2
     assert logits.shape == (3, tf.cfg.depth_double + tf.cfg.depth_single, tokens)
     t = recipe.student_times(20_000, torch.Generator().manual_seed(0))
     assert abs(float((t == 1.0).float().mean()) - 0.5) < 0.02  # one_step_fraction, not 1/4 of the grid times
     assert set(t.unique().tolist()) == {1.0, 0.75, 0.5, 0.25}
+
+
+def test_add_distillation_term_by_hand():
+    from fewstep.training.distill.losses import add_distillation
+
+    x0 = torch.tensor([[1.0, 2.0], [3.0, 3.0]])
+    teacher = torch.tensor([[0.0, 0.0], [3.0, 1.0]])
+    # per-sample mean squared error [2.5, 2.0], weighted by c(t) = [0.5, 1.0]: (1.25 + 2.0) / 2
+    assert float(add_distillation(x0, teacher, torch.tensor([0.5, 1.0]))) == 1.625
+    x0.requires_grad_(True)
+    teacher.requires_grad_(True)
+    add_distillation(x0, teacher, torch.ones(2)).backward()
+    # d/dx0 of mean((x0 − sg(teacher))²) over 2 elements, then over 2 samples: (x0 − teacher) / 2
+    torch.testing.assert_close(x0.grad, torch.tensor([[0.5, 1.0], [0.0, 1.0]]))
+    assert teacher.grad is None  # the teacher's estimate is a target (sg), not a path for gradients
+
+
+def test_ladd_distillation_term_regresses_on_the_teachers_cfg_estimate(tiny_teacher, tmp_path):
+    """ADD's L_distill: the teacher's CFG x0 estimate of the same re-noised student sample, weighted by 1 − t'.
+    The conditional velocity comes from the discriminator's forward; the estimate must equal a plain CFG one."""
+    from fewstep.models.flow import x0_from_velocity
+    from fewstep.training.distill.common import guided_velocity, velocity
+    from fewstep.training.distill.ladd import LADDRecipe
+    from fewstep.training.distill.losses import add_distillation
+
+    sets = ["ladd.samples=8", "ladd.sample_steps=2", "batch_size=3", "teacher_guidance=2.5", "ladd.distill_weight=2.5"]
+    cfg = tiny_distill(tmp_path, tiny_teacher, method="ladd", sets=sets)
+    recipe = LADDRecipe(cfg, TextToImage.load(tiny_teacher))
+    randomize(recipe.teacher.transformer)  # so that the conditional and unconditional velocities differ
+    randomize(recipe.module)
+    recipe.setup(Context(device=torch.device("cpu"), module=recipe.module))
+    batch = recipe.prepare(recipe.make_batch(torch.Generator().manual_seed(0)), torch.device("cpu"))
+    _, logs = recipe.train_step(batch)
+
+    tf, cond, t = recipe.teacher.transformer, batch["cond"], batch["t_fake"]
+    with torch.no_grad():
+        x_ts = interpolate(batch["x"], batch["eps_student"], batch["t_student"])
+        x0 = x0_from_velocity(x_ts, velocity(recipe.module, x_ts, batch["t_student"], cond), batch["t_student"])
+        fake_in = interpolate(x0, batch["eps_fake"], t)
+        v = guided_velocity(tf, fake_in, t, cond, recipe.cond.empty(3), 2.5)
+        expected = add_distillation(x0, x0_from_velocity(fake_in, v, t), 1 - t)
+        v_c = velocity(tf, fake_in, t, cond)
+    assert float((v - v_c).abs().max()) > 1e-3  # CFG changes the target here, so the check below can tell
+    torch.testing.assert_close(logs["distill"], expected, rtol=1e-5, atol=1e-7)
 
 
 def test_a_later_progressive_round_moves_its_teacher_to_the_runs_device(tiny_teacher):

@@ -83,6 +83,9 @@ class LADDSettings:
     renoise_std: float = 1.0
     one_step_fraction: float = 0.5  # share of student inputs at t = 1; the rest at the other grid times
     student_steps: tuple[int, ...] = (1, 2, 4)
+    # ADD's distillation term beside the adversarial loss (λ; ADD uses 2.5): the teacher's CFG x0 estimate of
+    # the re-noised student sample as a regression target, weighted by c(t') = 1 − t'. 0: LADD as written
+    distill_weight: float = 0.0
 
 
 @dataclass(frozen=True)

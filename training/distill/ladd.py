@@ -5,8 +5,11 @@ conditioned on the noise level and the pooled text. Training images are generate
 The student, given teacher data noised to one of its own step times, predicts x0; that prediction and a
 teacher image are both re-noised with t' ~ logit-normal(1, 1) (biased to high noise, LADD §3) and judged.
 Hinge losses on every token of every head (ADD, StyleGAN-T), projection-conditioned on the caption. Gradients
-reach the student through the frozen teacher. The student trains at t = 1 (one step) on ``one_step_fraction``
-of its inputs, the rest on the multi-step grids' other times.
+reach the student through the frozen teacher. With ``distill_weight`` > 0, ADD's distillation term joins the
+adversarial loss: the teacher's CFG x0 estimate of the same re-noised student sample is a regression target
+(LADD drops it; its adversarial loss alone ties a color to a caption only through the heads' projection).
+The student trains at t = 1 (one step) on ``one_step_fraction`` of its inputs, the rest on the multi-step
+grids' other times.
 """
 
 from __future__ import annotations
@@ -21,9 +24,16 @@ from fewstep.errors import UsageError
 from fewstep.models.flow import interpolate, logit_normal_t, timesteps, x0_from_velocity
 from fewstep.models.layers import MLPEmbedder, timestep_embedding
 from fewstep.models.pipeline import TextToImage
-from fewstep.training.distill.common import DistillRecipe, build_student, export_student, teacher_guidance, velocity
+from fewstep.training.distill.common import (
+    DistillRecipe,
+    build_student,
+    export_student,
+    guided_velocity,
+    teacher_guidance,
+    velocity,
+)
 from fewstep.training.distill.config import DistillConfig
-from fewstep.training.distill.losses import hinge_discriminator, hinge_generator
+from fewstep.training.distill.losses import add_distillation, hinge_discriminator, hinge_generator
 from fewstep.training.distill.teacher_data import teacher_samples
 from fewstep.training.recipe import Context
 
@@ -68,13 +78,16 @@ class LADDRecipe(DistillRecipe):
         self.s = cfg.ladd
         if not 0.0 <= self.s.one_step_fraction <= 1.0:
             raise UsageError(f"ladd.one_step_fraction must be in [0, 1], got {self.s.one_step_fraction}")
+        if self.s.distill_weight < 0:
+            raise UsageError(f"ladd.distill_weight must be >= 0, got {self.s.distill_weight}")
+        self.guidance = teacher_guidance(cfg, teacher)
         n = min(self.s.samples, cfg.max_steps * cfg.batch_size)  # --max-steps bounds the data generated too
         steps = self.s.sample_steps or teacher.sampling.default_steps
         self.samples = teacher_samples(
             teacher,
             n,
             steps,
-            teacher_guidance(cfg, teacher),
+            self.guidance,
             Path(cfg.out) / "teacher-data",
             data=cfg.data,
             seed=cfg.seed,
@@ -113,9 +126,22 @@ class LADDRecipe(DistillRecipe):
         one = torch.rand(b, generator=generator) < self.s.one_step_fraction
         return torch.where(one, torch.ones(b), rest[torch.randint(0, len(rest), (b,), generator=generator)])
 
-    def discriminate(self, heads, x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
-        _, feats = self.teacher.transformer(x, t, cond.tokens, cond.mask, cond.pooled, return_features=True)
-        return heads(feats, t, cond.pooled)
+    def discriminate(self, heads, x: torch.Tensor, t: torch.Tensor, cond) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> the heads' logits (B, heads, tokens) and the teacher's conditional velocity from the same forward."""
+        v, feats = self.teacher.transformer(x, t, cond.tokens, cond.mask, cond.pooled, return_features=True)
+        return heads(feats, t, cond.pooled), v
+
+    @torch.no_grad()
+    def teacher_x0(self, x: torch.Tensor, t: torch.Tensor, cond, v_c: torch.Tensor) -> torch.Tensor:
+        """The teacher's x0 estimate with CFG at its guidance. Its conditional velocity ``v_c`` came with the
+        discriminator's forward, so a CFG teacher costs one more (unconditional) forward, not two."""
+        tf, w, empty = self.teacher.transformer, self.guidance, self.cond.empty(len(t))
+        if tf.cfg.guidance_embed or w == 1:
+            v = guided_velocity(tf, x, t, cond, empty, w)
+        else:
+            v_u = velocity(tf, x, t, empty)
+            v = v_u + w * (v_c - v_u)
+        return x0_from_velocity(x, v, t)
 
     def train_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
         x, cond, ts = batch["x"], batch["cond"], batch["t_student"]
@@ -126,15 +152,23 @@ class LADDRecipe(DistillRecipe):
         with torch.no_grad():
             fake_in = interpolate(x0.detach(), batch["eps_fake"], batch["t_fake"])
             real_in = interpolate(x, batch["eps_real"], batch["t_real"])
-        d_real = self.discriminate(self.heads, real_in, batch["t_real"], cond)
-        d_fake = self.discriminate(self.heads, fake_in, batch["t_fake"], cond)
+        d_real, _ = self.discriminate(self.heads, real_in, batch["t_real"], cond)
+        d_fake, _ = self.discriminate(self.heads, fake_in, batch["t_fake"], cond)
         loss_d = hinge_discriminator(d_real, d_fake)
         self.heads.update(loss_d)
 
         # student: fool the heads through the frozen teacher (the heads' gradients from this are discarded)
-        fake_in = interpolate(x0, batch["eps_fake"], batch["t_fake"])
-        loss = hinge_generator(self.discriminate(self.heads.module, fake_in, batch["t_fake"], cond))
-        return loss, {"loss_d": loss_d.detach(), "d_real": d_real.mean().detach(), "d_fake": d_fake.mean().detach()}
+        t_fake = batch["t_fake"]
+        fake_in = interpolate(x0, batch["eps_fake"], t_fake)
+        logits, v_c = self.discriminate(self.heads.module, fake_in, t_fake, cond)
+        loss = hinge_generator(logits)
+        logs = {"loss_d": loss_d.detach(), "d_real": d_real.mean().detach(), "d_fake": d_fake.mean().detach()}
+        if self.s.distill_weight > 0:  # ADD eq. 5-6: L_adv + λ·L_distill, c(t') = 1 − t' (the signal's weight)
+            target = self.teacher_x0(fake_in.detach(), t_fake, cond, v_c.detach())
+            distill = add_distillation(x0, target, 1 - t_fake)
+            loss = loss + self.s.distill_weight * distill
+            logs["distill"] = distill.detach()
+        return loss, logs
 
     def export(self, ema: nn.Module, out_dir: Path, info: dict[str, Any]):
         return export_student(

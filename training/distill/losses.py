@@ -48,6 +48,14 @@ def hinge_generator(fake_logits: torch.Tensor) -> torch.Tensor:
     return -_per_head(fake_logits)
 
 
+def add_distillation(x0: torch.Tensor, x0_teacher: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """ADD's distillation term (Sauer et al. 2023, eq. 5): c(t)·‖x̂_θ − sg(x̂_ψ)‖², the teacher's denoised estimate
+    of the re-noised student sample as a regression target; per sample the mean squared error times its weight
+    (B,), averaged over the batch."""
+    err = (x0 - x0_teacher.detach()).pow(2).flatten(1).mean(1)
+    return (weight * err).mean()
+
+
 def _per_head(values: torch.Tensor) -> torch.Tensor:
     """(B,) -> mean; (B, heads, tokens) -> mean over batch and tokens, summed over heads."""
     if values.dim() == 1:
