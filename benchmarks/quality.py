@@ -1,10 +1,12 @@
 """Quality table for docs/results.md: `fewstep eval` of several models at several step counts, in one run.
 
     python benchmarks/quality.py --model zoo/digits-teacher:40,1,2,4 --model runs/distill/x/export:1,2,4 \
-        --n 1000 --out docs/results.md --grids docs/img
+        --reference digits-teacher:40 --n 1000 --out docs/results.md --grids docs/img
 
-Each row: digit and color accuracy, Fréchet distance (with the real-vs-real floor at the same n), ms per
-image on this machine, and the model's training time from its card. One PNG grid per model and step count.
+Each row: the CFG scale it was sampled at (each model's card default), digit and color accuracy, Fréchet
+distance (with the real-vs-real floor at the same n) and, with ``--reference``, its ratio to the reference
+row's (a teacher at its default steps and chosen guidance), ms per image on this machine, and the model's
+training time from its card. One PNG grid per model and step count.
 """
 
 from __future__ import annotations
@@ -28,6 +30,16 @@ def training_minutes(model: TextToImage) -> str:
     return f"{secs / 60:.0f} min" if secs else "—"
 
 
+def reference_fd(rows: list, spec: str) -> float:
+    """The FD of the row ``MODEL_NAME:STEPS`` of this table; a clear error when the table has no such row."""
+    name, _, steps = spec.rpartition(":")
+    for model, _, r, _ in rows:
+        if model.name == name and str(r["steps"]) == steps:
+            return r["fd"]
+    have = ", ".join(f"{m.name}:{r['steps']}" for m, _, r, _ in rows)
+    raise SystemExit(f"--reference {spec}: no such row in this table (rows: {have})")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", action="append", default=[], help="DIR:STEPS,STEPS,... (evaluated now)")
@@ -43,6 +55,7 @@ def main() -> int:
     p.add_argument("--grids", default="docs/img")
     p.add_argument("--classifier", default="zoo/digits-classifier")
     p.add_argument("--json", help="also write the raw results here")
+    p.add_argument("--reference", help="MODEL_NAME:STEPS, a row of this table: adds an FD / reference column")
     p.add_argument("--notes", help="a Markdown file placed between the table and the samples (what the rows mean)")
     args = p.parse_args()
     classifier = load_classifier(args.classifier)
@@ -70,16 +83,21 @@ def main() -> int:
             img = grids / f"{model.name}-{r['steps']}steps.png"
             sample_grid(model, r["steps"]).save(img)
             rows.append((model, res, r, img))
+    ref_fd = reference_fd(rows, args.reference) if args.reference else None
+    ratio_head, ratio_rule = (f" FD / {args.reference} |", "---:|") if ref_fd else ("", "")
     lines = [
-        "| model | method | steps | digit acc | fg acc | bg acc | FD (real floor) | ms / image | training |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"| model | method | guidance | steps | digit acc | fg acc | bg acc | FD (real floor) |{ratio_head} ms / image "
+        "| training |",
+        f"|---|---|---:|---:|---:|---:|---:|---:|{ratio_rule}---:|---:|",
     ]
     for model, res, r, _ in rows:
         method = model.card.training.get("method", "?") if model.card else "?"
+        ratio = f" {r['fd'] / ref_fd:.2f}× |" if ref_fd else ""
         lines.append(
-            f"| {model.name} | {method} | {r['steps']} | {100 * r['digit_accuracy']:.1f}% | "
-            f"{100 * r['fg_accuracy']:.1f}% | {100 * r['bg_accuracy']:.1f}% | {r['fd']:.2f} "
-            f"({res['real_floor_fd']:.2f}) | {r['ms_per_image']:.2f} | {training_minutes(model)} |"
+            f"| {model.name} | {method} | {res.get('guidance', '?')} | {r['steps']} | "
+            f"{100 * r['digit_accuracy']:.1f}% | {100 * r['fg_accuracy']:.1f}% | {100 * r['bg_accuracy']:.1f}% | "
+            f"{r['fd']:.2f} "
+            f"({res['real_floor_fd']:.2f}) |{ratio} {r['ms_per_image']:.2f} | {training_minutes(model)} |"
         )
     out = Path(args.out)
     rel = Path("img") if out.parent == grids.parent else grids

@@ -49,3 +49,19 @@ def test_compress_benchmark_compares_forward_speed(tiny_teacher, tmp_path):
     rows = [ln for ln in r.stdout.splitlines() if ln.startswith("| ") and "blocks" not in ln]
     assert len(rows) == 2 and "| 1 + 1 |" in rows[0] and "1.00×" in rows[0]
     assert "removed" in (tmp_path / "speed.md").read_text()
+
+
+def test_quality_table_states_guidance_and_the_fd_ratio_to_its_reference(tiny_teacher, tiny_classifier, tmp_path):
+    out, raw = tmp_path / "results.md", tmp_path / "raw.json"
+    card = read_card(tiny_teacher)
+    args = ["benchmarks/quality.py", "--model", f"{tiny_teacher}:4,1", "--n", "8", "--classifier", str(tiny_classifier)]
+    grids = ["--grids", str(tmp_path / "img")]
+    bench(*args, *grids, "--reference", f"{card.name}:4", "--out", str(out), "--json", str(raw))
+    rows = json.loads(raw.read_text())[0]["rows"]
+    table = [ln.split(" | ") for ln in out.read_text().splitlines() if ln.startswith(f"| {card.name} |")]
+    g = str(card.sampling.guidance)
+    assert [(r[2], r[3]) for r in table] == [(g, "4"), (g, "1")]
+    assert [r[8] for r in table] == ["1.00×", f"{rows[1]['fd'] / rows[0]['fd']:.2f}×"]
+    r = subprocess.run([sys.executable, *args, *grids, "--reference", f"{card.name}:40", "--out", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode != 0 and f"--reference {card.name}:40: no such row" in r.stderr
