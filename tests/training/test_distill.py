@@ -96,11 +96,26 @@ def test_consistency_student_starts_as_the_teachers_x0_estimate():
     assert float(c_skip) == pytest.approx(0.25 / (500**2 + 0.25))
 
 
-def test_students_saved_with_the_edm_scaling_sample_exactly_as_before():
-    """zoo/digits-consistency-compressed's card names the old form: its c_out stays σd·s / sqrt(s² + σd²)."""
-    card = read_card(ZOO / "digits-consistency-compressed")
-    assert card.parameterization == "consistency"
-    _, c_out = consistency_coefficients(torch.tensor([0.5]), form=card.parameterization)
+def test_students_saved_with_the_edm_scaling_sample_exactly_as_before(tmp_path):
+    """A card that names the old form ("consistency": no zoo student has it since issue 13, but users' may) keeps
+    c_out = σd·s / sqrt(s² + σd²): its denoiser is the EDM-form consistency function of the same velocity."""
+    import shutil
+
+    from fewstep.models.checkpoint import update_card
+
+    shutil.copytree(ZOO / "digits-consistency", tmp_path / "old")
+    update_card(tmp_path / "old", parameterization="consistency")
+    model = TextToImage.load(tmp_path / "old")
+    assert model.card.parameterization == "consistency"
+    g = torch.Generator().manual_seed(0)
+    x, v, t = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g), torch.tensor([1.0, 0.5])
+    x0 = model.denoiser(lambda x_, t_: v)(x, t)
+    c_skip, c_out = consistency_coefficients(
+        t, model.sampling.sigma_data, model.sampling.boundary_scale, form="consistency"
+    )
+    expected = c_skip.view(-1, 1, 1, 1) * x + c_out.view(-1, 1, 1, 1) * (x - t.view(-1, 1, 1, 1) * v)
+    torch.testing.assert_close(x0, expected)
+    _, c_out = consistency_coefficients(torch.tensor([0.5]), form="consistency")
     assert float(c_out) == pytest.approx(0.5 * 500 / math.sqrt(500**2 + 0.25))
     with pytest.raises(ValueError, match="unknown consistency parameterisation"):
         consistency_coefficients(torch.tensor([0.5]), form="edm")
