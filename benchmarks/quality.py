@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from fewstep.models.checkpoint import read_card
 from fewstep.models.pipeline import TextToImage
 from fewstep.training.classifier import load_classifier
 from fewstep.training.evaluate import evaluate, sample_grid
@@ -28,6 +29,14 @@ def training_minutes(model: TextToImage) -> str:
     t = model.card.training if model.card else {}
     secs = t.get("duration_s")
     return f"{secs / 60:.0f} min" if secs else "—"
+
+
+def check_reference(spec: str, planned: list[tuple[str, int]]) -> None:
+    """Before anything is evaluated: ``MODEL_NAME:STEPS`` must name one of this table's rows."""
+    name, _, steps = spec.rpartition(":")
+    if (name, int(steps) if steps.isdigit() else None) not in planned:
+        have = ", ".join(f"{n}:{s}" for n, s in planned)
+        raise SystemExit(f"--reference {spec}: no such row in this table (rows: {have})")
 
 
 def reference_fd(rows: list, spec: str) -> float:
@@ -58,6 +67,14 @@ def main() -> int:
     p.add_argument("--reference", help="MODEL_NAME:STEPS, a row of this table: adds an FD / reference column")
     p.add_argument("--notes", help="a Markdown file placed between the table and the samples (what the rows mean)")
     args = p.parse_args()
+    if args.reference:
+        planned = [(read_card(path).name, int(s)) for path, _, steps in (m.rpartition(":") for m in args.model)
+                   for s in steps.split(",")]  # fmt: skip
+        for spec in args.precomputed:
+            path, _, eval_dir = spec.partition("=")
+            rows = json.loads((Path(eval_dir) / "eval.json").read_text())["rows"]
+            planned += [(read_card(path).name, r["steps"]) for r in rows]
+        check_reference(args.reference, planned)
     classifier = load_classifier(args.classifier)
     grids = Path(args.grids)
     grids.mkdir(parents=True, exist_ok=True)
@@ -84,7 +101,7 @@ def main() -> int:
             sample_grid(model, r["steps"]).save(img)
             rows.append((model, res, r, img))
     ref_fd = reference_fd(rows, args.reference) if args.reference else None
-    ratio_head, ratio_rule = (f" FD / {args.reference} |", "---:|") if ref_fd else ("", "")
+    ratio_head, ratio_rule = (f" FD / {args.reference} |", "---:|") if ref_fd is not None else ("", "")
     lines = [
         f"| model | method | guidance | steps | digit acc | fg acc | bg acc | FD (real floor) |{ratio_head} ms / image "
         "| training |",
@@ -92,7 +109,7 @@ def main() -> int:
     ]
     for model, res, r, _ in rows:
         method = model.card.training.get("method", "?") if model.card else "?"
-        ratio = f" {r['fd'] / ref_fd:.2f}× |" if ref_fd else ""
+        ratio = f" {r['fd'] / ref_fd:.2f}× |" if ref_fd is not None else ""
         lines.append(
             f"| {model.name} | {method} | {res.get('guidance', '?')} | {r['steps']} | "
             f"{100 * r['digit_accuracy']:.1f}% | {100 * r['fg_accuracy']:.1f}% | {100 * r['bg_accuracy']:.1f}% | "

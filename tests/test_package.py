@@ -28,4 +28,4 @@ def test_no_top_level_layer_names_are_importable_from_elsewhere(tmp_path):
     code = f"import importlib.util as u; print([(n, s.origin) for n in {names!r} if (s := u.find_spec(n))])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path)
     found = ast.literal_eval(out.stdout.strip())
-    assert [(n, o) for n, o in found if o is None or Path(o).resolve().is_relative_to(root)] == []
+    assert [(n, o) for n, o in found if o is None or Path(o).resolve().is_relative_to(root / n)] == []

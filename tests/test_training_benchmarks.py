@@ -65,3 +65,4 @@ def test_quality_table_states_guidance_and_the_fd_ratio_to_its_reference(tiny_te
     r = subprocess.run([sys.executable, *args, *grids, "--reference", f"{card.name}:40", "--out", str(out)], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)  # fmt: skip
     assert r.returncode != 0 and f"--reference {card.name}:40: no such row" in r.stderr
+    assert "images" not in r.stdout  # refused before any model was evaluated (a typo costs no minutes)

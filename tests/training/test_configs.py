@@ -11,6 +11,10 @@ from fewstep.training.distill.config import DistillConfig
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("distill-*.yaml"))
 
 
+def test_the_configs_are_found():
+    assert len(CONFIGS) >= 6
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_distill_config_parses(path):
     cfg = load_config(DistillConfig, path)

@@ -106,22 +106,32 @@ def test_add_distillation_term_by_hand():
     assert teacher.grad is None  # the teacher's estimate is a target (sg), not a path for gradients
 
 
-def test_ladd_distillation_term_regresses_on_the_teachers_cfg_estimate(tiny_teacher, tmp_path):
-    """ADD's L_distill: the teacher's CFG x0 estimate of the same re-noised student sample, weighted by 1 − t'.
-    The conditional velocity comes from the discriminator's forward; the estimate must equal a plain CFG one."""
-    from fewstep.models.flow import x0_from_velocity
-    from fewstep.training.distill.common import guided_velocity, velocity
+def _ladd_step(tiny_teacher, out, weight: float):
+    """One LADD train_step on a tiny model, everything seeded alike: (recipe, batch, loss, logs)."""
     from fewstep.training.distill.ladd import LADDRecipe
-    from fewstep.training.distill.losses import add_distillation
 
-    sets = ["ladd.samples=8", "ladd.sample_steps=2", "batch_size=3", "teacher_guidance=2.5", "ladd.distill_weight=2.5"]
-    cfg = tiny_distill(tmp_path, tiny_teacher, method="ladd", sets=sets)
+    sets = ["ladd.samples=8", "ladd.sample_steps=2", "batch_size=3", "teacher_guidance=2.5"]
+    cfg = tiny_distill(out, tiny_teacher, method="ladd", sets=[*sets, f"ladd.distill_weight={weight}"])
+    torch.manual_seed(0)  # the discriminator heads' initialisation
     recipe = LADDRecipe(cfg, TextToImage.load(tiny_teacher))
     randomize(recipe.teacher.transformer)  # so that the conditional and unconditional velocities differ
     randomize(recipe.module)
     recipe.setup(Context(device=torch.device("cpu"), module=recipe.module))
     batch = recipe.prepare(recipe.make_batch(torch.Generator().manual_seed(0)), torch.device("cpu"))
-    _, logs = recipe.train_step(batch)
+    loss, logs = recipe.train_step(batch)
+    return recipe, batch, loss, logs
+
+
+def test_ladd_distillation_term_regresses_on_the_teachers_cfg_estimate(tiny_teacher, tmp_path):
+    """ADD's L_distill: the teacher's CFG x0 estimate of the same re-noised student sample, weighted by 1 − t',
+    added to the adversarial loss times λ, with gradients to the student. The conditional velocity comes from the
+    discriminator's forward; the estimate must equal a plain CFG one."""
+    from fewstep.models.flow import x0_from_velocity
+    from fewstep.training.distill.common import guided_velocity, velocity
+    from fewstep.training.distill.losses import add_distillation
+
+    recipe, batch, loss, logs = _ladd_step(tiny_teacher, tmp_path / "with", 2.5)
+    recipe_without, _, loss_without, logs_without = _ladd_step(tiny_teacher, tmp_path / "without", 0.0)
 
     tf, cond, t = recipe.teacher.transformer, batch["cond"], batch["t_fake"]
     with torch.no_grad():
@@ -133,6 +143,13 @@ def test_ladd_distillation_term_regresses_on_the_teachers_cfg_estimate(tiny_teac
         v_c = velocity(tf, fake_in, t, cond)
     assert float((v - v_c).abs().max()) > 1e-3  # CFG changes the target here, so the check below can tell
     torch.testing.assert_close(logs["distill"], expected, rtol=1e-5, atol=1e-7)
+    assert "distill" not in logs_without
+    torch.testing.assert_close(loss - loss_without, 2.5 * expected, rtol=1e-4, atol=1e-6)  # L_adv + λ·L_distill
+    # the term reaches the student: its gradients differ from the adversarial loss's alone
+    grads = [torch.autograd.grad(l, [p for p in r.module.parameters() if p.requires_grad], allow_unused=True)
+             for l, r in ((loss, recipe), (loss_without, recipe_without))]  # fmt: skip
+    diff = sum(float((a - b).abs().sum()) for a, b in zip(*grads, strict=True) if a is not None and b is not None)
+    assert diff > 0
 
 
 def test_a_later_progressive_round_moves_its_teacher_to_the_runs_device(tiny_teacher):

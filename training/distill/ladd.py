@@ -134,12 +134,16 @@ class LADDRecipe(DistillRecipe):
     @torch.no_grad()
     def teacher_x0(self, x: torch.Tensor, t: torch.Tensor, cond, v_c: torch.Tensor) -> torch.Tensor:
         """The teacher's x0 estimate with CFG at its guidance. Its conditional velocity ``v_c`` came with the
-        discriminator's forward, so a CFG teacher costs one more (unconditional) forward, not two."""
-        tf, w, empty = self.teacher.transformer, self.guidance, self.cond.empty(len(t))
-        if tf.cfg.guidance_embed or w == 1:
-            v = guided_velocity(tf, x, t, cond, empty, w)
+        discriminator's forward, so a CFG teacher costs one more (unconditional) forward, not two; w = 1, or a
+        teacher that embeds the scale with this one as its default (methods.py sets it), needs none."""
+        tf, w = self.teacher.transformer, self.guidance
+        embedded = tf.cfg.guidance_embed
+        if (embedded and tf.default_guidance == w) or (not embedded and w == 1):
+            v = v_c
+        elif embedded:  # its forward took another default scale: one pass at this one
+            v = guided_velocity(tf, x, t, cond, self.cond.empty(len(t)), w)
         else:
-            v_u = velocity(tf, x, t, empty)
+            v_u = velocity(tf, x, t, self.cond.empty(len(t)))
             v = v_u + w * (v_c - v_u)
         return x0_from_velocity(x, v, t)
 
@@ -163,7 +167,9 @@ class LADDRecipe(DistillRecipe):
         logits, v_c = self.discriminate(self.heads.module, fake_in, t_fake, cond)
         loss = hinge_generator(logits)
         logs = {"loss_d": loss_d.detach(), "d_real": d_real.mean().detach(), "d_fake": d_fake.mean().detach()}
-        if self.s.distill_weight > 0:  # ADD eq. 5-6: L_adv + λ·L_distill, c(t') = 1 − t' (the signal's weight)
+        # ADD eq. 5-6: L_adv + λ·L_distill, c(t') = 1 − t' (the signal's weight). t' is the discriminator's
+        # logit-normal(1, 1) draw (mean c ≈ 0.3), not a separate one as in ADD, so λ weighs less than there
+        if self.s.distill_weight > 0:
             target = self.teacher_x0(fake_in.detach(), t_fake, cond, v_c.detach())
             distill = add_distillation(x0, target, 1 - t_fake)
             loss = loss + self.s.distill_weight * distill
