@@ -74,13 +74,17 @@ async def test_teacher_requests_join_the_running_batch(models_dir):
 
 @pytest.mark.anyio
 async def test_a_request_that_times_out_leaves_the_running_batch(models_dir):
-    async with serve_app(make_settings(models_dir, warmup=False, request_timeout_s=0.2)) as c:
-        r = await c.post("/v1/generate", json={**TEACHER, "n": 1})
+    # 100 steps of 8 images with CFG: about 0.5 s here, ten times the 0.05 s deadline (at n = 1 and 0.2 s, a
+    # fast machine finished the whole request in time and the test saw a 200)
+    async with serve_app(make_settings(models_dir, warmup=False, request_timeout_s=0.05)) as c:
+        t0 = time.monotonic()
+        r = await c.post("/v1/generate", json=TEACHER)
+        answered_s = time.monotonic() - t0
         deadline = time.monotonic() + 30  # the next step boundary drops its rows (a loaded machine: seconds)
         while c.engine.running and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         metrics = (await c.get("/metrics")).text
-    assert r.status_code == 504
+    assert r.status_code == 504, f"answered {r.status_code} after {answered_s:.2f} s"
     assert not c.engine.running
     assert 'fewstep_errors_total{type="dropped_in_flight"} 1.0' in metrics
 
