@@ -137,11 +137,10 @@ class LADDRecipe(DistillRecipe):
         discriminator's forward, so a CFG teacher costs one more (unconditional) forward, not two; w = 1, or a
         teacher that embeds the scale with this one as its default (methods.py sets it), needs none."""
         tf, w = self.teacher.transformer, self.guidance
-        embedded = tf.cfg.guidance_embed
-        if (embedded and tf.default_guidance == w) or (not embedded and w == 1):
+        if tf.cfg.guidance_embed:  # the scale is an input: reuse the forward when it ran at this one
+            v = v_c if tf.default_guidance == w else guided_velocity(tf, x, t, cond, self.cond.empty(len(t)), w)
+        elif w == 1:
             v = v_c
-        elif embedded:  # its forward took another default scale: one pass at this one
-            v = guided_velocity(tf, x, t, cond, self.cond.empty(len(t)), w)
         else:
             v_u = velocity(tf, x, t, self.cond.empty(len(t)))
             v = v_u + w * (v_c - v_u)
