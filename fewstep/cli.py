@@ -333,7 +333,8 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--config", help="YAML file of settings (see docs/api.md); flags and FEWSTEP_* override it")
     for name, field in ServeSettings.model_fields.items():
-        kind, flag, help_text = field.annotation, "--" + name.replace("_", "-"), field.description
+        kind, flag = field.annotation, "--" + name.replace("_", "-")
+        help_text = (field.description or "").replace("%", "%%")  # argparse %-formats help strings
         args = typing.get_args(kind)
         if kind is bool:
             p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)

@@ -15,11 +15,12 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a.permute(1, 2, 0).numpy(), "RGB") for a in arr]
 
 
-def encode(image: Image.Image, fmt: str = "png", quality: int = 95) -> bytes:
+def encode(image: Image.Image, fmt: str = "png", quality: int = 95, png_level: int = 6) -> bytes:
+    """``quality``: JPEG/WebP quality; ``png_level``: zlib level of a PNG (lossless at every level)."""
     buf = io.BytesIO()
     fmt = fmt.lower()
     if fmt == "png":
-        image.save(buf, format="PNG")
+        image.save(buf, format="PNG", compress_level=png_level)
     elif fmt in ("jpeg", "jpg"):
         image.save(buf, format="JPEG", quality=quality)
     elif fmt == "webp":

@@ -187,10 +187,11 @@ class ImageService:
             result = await self._await(request, job)
             t0 = time.perf_counter()
             quality = 95 if compression is None else compression
+            level = self.settings.png_compress_level
             if sum(im.width * im.height for im in result.images) <= INLINE_ENCODE_PIXELS:
-                encoded = [encode(im, fmt, quality) for im in result.images]  # microseconds: a thread hop costs more
+                encoded = [encode(im, fmt, quality, level) for im in result.images]  # µs: a thread hop costs more
             else:  # large images encode off the event loop
-                encoded = await asyncio.to_thread(lambda: [encode(im, fmt, quality) for im in result.images])
+                encoded = await asyncio.to_thread(lambda: [encode(im, fmt, quality, level) for im in result.images])
             status = 200
             if plan is not None:
                 self.engine.observe_auto(plan.predicted_s, time.perf_counter() - start)

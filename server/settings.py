@@ -49,6 +49,13 @@ class ServeSettings(BaseSettings):
     max_prompt_chars: int = Field(default=300, ge=1, description="longest prompt accepted")
     max_teacher_steps: int = Field(default=100, ge=1, description="the largest step count a request may ask for")
     max_body_bytes: int = Field(default=65_536, ge=1024, description="largest request body")
+    png_compress_level: int = Field(
+        default=1,
+        ge=0,
+        le=9,
+        description="zlib level of served PNGs: 1 encodes a small image about 2.5x faster than PIL's default 6 "
+        "for about 10% more bytes; the encoding runs on the event loop (docs/performance.md)",
+    )
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="require 'Authorization: Bearer KEY' on /v1 (flag repeatable; FEWSTEP_API_KEYS is comma-separated)",

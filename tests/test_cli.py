@@ -150,6 +150,17 @@ def test_every_server_setting_is_a_serve_flag():
         parser.parse_args(["serve", "--device", "tpu"])
 
 
+def test_every_command_help_renders():
+    """argparse %-formats help strings: a setting described with a bare % broke `fewstep serve --help`."""
+    from fewstep.cli import build_parser
+
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    assert "serve" in commands
+    for name, sub in commands.items():
+        assert sub.format_help().startswith("usage: fewstep " + name), name
+
+
 def test_usage_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch, capsys):
     from fewstep import cli
     from fewstep.errors import UsageError

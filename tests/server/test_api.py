@@ -61,6 +61,18 @@ async def test_raw_image_with_accept_header(api, fmt):
     assert r.headers["x-served-by"] == "tiny-student" and r.headers["x-seed"] == "1"
 
 
+async def test_png_compress_level_changes_the_bytes_not_the_pixels(api, models_dir):
+    """Served PNGs use the fast zlib level (png_compress_level, default 1): lossless, so the pixels are those of
+    an uncompressed PNG (level 0) of the same request, in fewer bytes."""
+    req = {"prompt": "a green 3 on white", "steps": 1, "seed": 5, "n": 2}
+    fast = (await api.post("/v1/generate", json=req)).json()["images"]
+    async with serve_app(make_settings(models_dir, png_compress_level=0, warmup=False)) as c:
+        stored = (await c.post("/v1/generate", json=req)).json()["images"]
+    for a, b in zip(fast, stored, strict=True):
+        assert list(_png(a["b64"]).getdata()) == list(_png(b["b64"]).getdata())
+        assert len(base64.b64decode(a["b64"])) < len(base64.b64decode(b["b64"]))
+
+
 @pytest.mark.parametrize(
     ("payload", "status", "param"),
     [
