@@ -27,6 +27,7 @@ import time
 from types import FrameType
 
 import anyio
+import h11
 import uvicorn
 from fastapi import FastAPI
 from starlette.responses import JSONResponse
@@ -188,9 +189,34 @@ class HeaderDeadline(H11Protocol):
         self._wait_for_headers()
 
     def data_received(self, data: bytes) -> None:
+        if self.rejection is not None and not (data := self._refuse_at_the_wire(data)):
+            return
         super().data_received(data)
         if self._timer is not None and self.cycle is not self._waiting_since:  # a new request's headers are in
             self._stop_timer()
+
+    def _refuse_at_the_wire(self, data: bytes) -> bytes:
+        """Answers the refused whole requests at the front of ``data`` before h11 sees them (server/rejection.py)
+        and returns the rest. Only between requests (h11 idle on both sides, nothing buffered): otherwise the
+        bytes belong to a request h11 is reading."""
+        conn, start = self.conn, 0
+        while (
+            conn.our_state is h11.IDLE
+            and conn.their_state is h11.IDLE
+            and not conn.trailing_data[0]
+            and not self.flow.write_paused  # a client that does not read its refusals: h11's path waits
+            and not self.transport.is_closing()
+            and (refused := self.rejection.at_the_wire(data, start)) is not None
+        ):
+            response, start = refused
+            self.transport.write(response)
+            self.server_state.total_requests += 1
+        if start:  # as after any response: the keep-alive and header timers start again
+            self._unset_keepalive_if_required()
+            keep_alive = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
+            self.timeout_keep_alive_task = keep_alive
+            self._wait_for_headers()
+        return data[start:] if start else data
 
     def on_response_complete(self) -> None:
         done = self.cycle

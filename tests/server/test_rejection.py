@@ -1,15 +1,19 @@
 """Refusals answered by the protocol (server/rejection.py), on a real server built as ``fewstep serve`` builds it:
 a saturated engine's 429 comes as soon as the headers are in (before the body, which the Admission middleware
 would wait for), in the error shape, and the keep-alive connection carries the next request; requests the app
-must see (a wrong key, ``Connection: close``) still take the normal path."""
+must see (a wrong key, ``Connection: close``) still take the normal path. Whole requests of a strict subset of
+HTTP/1.1 are refused at the wire, before h11: the same bytes as h11's refusal, and anything outside the subset is
+left to h11."""
 
 from __future__ import annotations
 
 import json
 import socket
+import time
 
 import pytest
 
+from fewstep.server.rejection import MAX_WIRE_HEAD, EarlyRejection
 from tests.server.test_deadlines import Served, read_until_closed, response
 
 pytestmark = pytest.mark.slow
@@ -102,3 +106,95 @@ def test_expect_100_continue_takes_the_normal_path(saturated):
         del engine.saturated
         s.sendall(post(authorization="Bearer KEY"))
         assert read_response()[0] == 200
+
+
+WHOLE = post(authorization="Bearer KEY")
+
+
+def _variant(old: bytes, new: bytes) -> bytes:
+    assert old in WHOLE
+    return WHOLE.replace(old, new, 1)
+
+
+# each a whole request that h11 would frame (or refuse) itself: left to it, never answered at the wire
+NOT_AT_THE_WIRE = {
+    "query string": _variant(b"/v1/generate ", b"/v1/generate?x=1 "),
+    "lower-case method": _variant(b"POST", b"post"),
+    "HTTP/1.0": _variant(b"HTTP/1.1", b"HTTP/1.0"),
+    "absolute target": _variant(b"POST /v1", b"POST http://t/v1"),
+    "no Host": _variant(b"host: t\r\n", b""),
+    "two Hosts": _variant(b"host: t\r\n", b"host: t\r\nhost: u\r\n"),
+    "two Content-Lengths": _variant(b"content-type", b"content-length: 42\r\ncontent-type"),
+    "Content-Length +42": _variant(b"content-length: ", b"content-length: +"),
+    "Content-Length over the body limit": _variant(b"content-length: 42", b"content-length: 99999999"),
+    "body not all here": WHOLE[:-5],
+    "head only": WHOLE[: WHOLE.index(b"\r\n\r\n") + 4],
+    "Transfer-Encoding": _variant(b"host: t", b"transfer-encoding: chunked\r\nhost: t"),
+    "Expect": _variant(b"host: t", b"expect: 100-continue\r\nhost: t"),
+    "Connection: close": _variant(b"host: t", b"connection: close\r\nhost: t"),
+    "Upgrade": _variant(b"host: t", b"upgrade: websocket\r\nhost: t"),
+    "folded header line": _variant(b"host: t", b"x-a: b\r\n c\r\nhost: t"),
+    "space before the colon": _variant(b"host: t", b"host : t"),
+    "control byte in a value": _variant(b"host: t", b"x-a: b\x01c\r\nhost: t"),
+    "byte 0xff in a value": _variant(b"host: t", b"x-a: b\xffc\r\nhost: t"),
+    "bare LF": _variant(b"host: t\r\n", b"host: t\n"),
+    "wrong key": _variant(b"Bearer KEY", b"Bearer WRONG"),
+    "no key": _variant(b"authorization: Bearer KEY\r\n", b""),
+    "two Authorizations": _variant(b"host: t", b"authorization: Bearer KEY\r\nhost: t"),
+    "a head over MAX_WIRE_HEAD": _variant(b"host: t", b"x-pad: " + b"a" * MAX_WIRE_HEAD + b"\r\nhost: t"),
+}
+
+
+def test_only_whole_requests_of_the_strict_subset_are_refused_at_the_wire(saturated):
+    served, engine = saturated
+    wire = EarlyRejection(engine, served.settings, served.app.state.metrics)
+    refused = wire.at_the_wire(WHOLE)
+    assert refused is not None and refused[1] == len(WHOLE)
+    keep_alive = _variant(b"host: t", b"Connection: Keep-Alive\r\nhost: t")
+    assert wire.at_the_wire(keep_alive)[1] == len(keep_alive)  # names are case-insensitive; keep-alive is fine
+    first, second = wire.at_the_wire(WHOLE + WHOLE), wire.at_the_wire(WHOLE + WHOLE, len(WHOLE))
+    assert first[1] == len(WHOLE) and second[1] == 2 * len(WHOLE)  # pipelined: one request at a time
+    for name, data in NOT_AT_THE_WIRE.items():
+        assert wire.at_the_wire(data) is None, name
+    del engine.saturated  # room in the queue
+    assert wire.at_the_wire(WHOLE) is None
+    engine.saturated = lambda: True
+    engine.draining = True
+    try:
+        assert wire.at_the_wire(WHOLE) is None
+    finally:
+        engine.draining = False
+
+
+def test_a_refusal_at_the_wire_is_the_bytes_of_h11s_refusal(saturated):
+    """The same request refused before h11 (whole) and by h11 (head first, body later): the same response."""
+    served, _ = saturated
+    whole = post(authorization="Bearer KEY", **{"x-request-id": "same-1"})
+    head, _, body = whole.partition(b"\r\n\r\n")
+    answers = []
+    for parts in ([whole], [head + b"\r\n\r\n", body]):
+        with served.connect() as s:
+            for part in parts:
+                s.sendall(part)
+                time.sleep(0.1)  # separate reads: the head alone cannot be refused at the wire
+            s.settimeout(10)
+            answers.append(s.recv(65536))
+    assert answers[0] == answers[1] and answers[0].startswith(b"HTTP/1.1 429 ")
+    assert served.app.state.metrics.registry.get_sample_value("fewstep_rejected_total") == 2
+
+
+def test_refusals_at_the_wire_restart_the_header_deadline(models_dir):
+    """A client whose requests are all refused at the wire is between requests after each one: the header
+    deadline runs from the last refusal (a connection refused for longer than the deadline stays open), and an
+    idle connection is still closed after it."""
+    with Served(models_dir, api_keys=["KEY"], header_timeout_s=0.6) as served:
+        served.app.state.engine.saturated = lambda: True
+        with served.connect() as s:
+            responses = Responses(s)
+            for _ in range(8):  # 1.6 s of refusals, one every 0.2 s
+                s.sendall(WHOLE)
+                assert responses.next()[0] == 429
+                time.sleep(0.2)
+            quiet = time.monotonic()
+            assert s.recv(65536) == b""  # closed by the header deadline
+            assert 0.3 < time.monotonic() - quiet < 3
