@@ -853,6 +853,11 @@ def overload(ctx: Context, sec: Section) -> None:
         )
         sec.row(f"capacity after {factor}x", *after_row[:-1], expected="200s only", ok=after_row[-1] == {200})
         before = after
+    sec.notes.append(
+        "The load generator sends each request whole in one write, so its refusals are answered at the wire, "
+        "before h11 (server/rejection.py; `python benchmarks/refusal.py` times both paths). The generator and "
+        "the server share the machine's cores: its CPU seconds are in the last column."
+    )
 
 
 def _cpu(server: Server, since: tuple[float, float]) -> str:
