@@ -2,6 +2,7 @@
 its prediction in the response, SLO and chosen-steps metrics, and clear errors for misuse."""
 
 import asyncio
+import re
 
 import pytest
 
@@ -33,7 +34,11 @@ async def test_auto_takes_the_teacher_when_the_target_allows_and_a_student_when_
         tight = (await c.post("/v1/generate", json={"prompt": PROMPT, "steps": "auto", "latency_slo_ms": 1e-6})).json()
         assert (tight["served_by"], tight["steps"]) == ("tiny-student", 1)
         metrics = (await c.get("/metrics")).text
-    assert 'fewstep_slo_requests_total{outcome="missed"} 1.0' in metrics
+    # the tight target is missed; the others are predicted to be met (on a loaded machine one may miss too)
+    slo = {}
+    for outcome in ("met", "missed"):
+        slo[outcome] = float(re.search(rf'fewstep_slo_requests_total{{outcome="{outcome}"}} (\S+)', metrics)[1])
+    assert slo["missed"] >= 1 and slo["met"] + slo["missed"] == 3
     assert 'fewstep_auto_steps_total{model="tiny-student",steps="2"} 1.0' in metrics
 
 
