@@ -48,7 +48,7 @@ def build_server(app: FastAPI, settings: ServeSettings) -> DrainingServer:
     """uvicorn serving ``app`` (from ``create_app``) with the deadlines and the drain; ``.run()`` it."""
     wrapped, engine = Deadlines(app, settings), app.state.engine
     config = _Config(
-        loop_factory(settings.saturated_poll_ms / 1000, lambda: engine.saturated()),
+        loop_factory(settings.saturated_poll_ms / 1000, lambda: engine.saturated(), engine.device_done),
         wrapped,
         host=settings.host,
         port=settings.port,

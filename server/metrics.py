@@ -65,8 +65,9 @@ class Metrics:
             fallbacks=Counter("fewstep_fallbacks_total", "Requests served by the teacher instead", ["reason"],
                               registry=r),
             errors=Counter("fewstep_errors_total", "Errors answered, by type", ["type"], registry=r),
-            rejected=Counter("fewstep_rejected_total", "Requests refused before their body was read (queue full)",
-                             registry=r),
+            rejected=Counter("fewstep_rejected_total", "Requests refused before their body was read (queue full), by "
+                             "where: wire (a whole request, before h11), head (after h11 parsed its head), app "
+                             "(the Admission middleware)", ["path"], registry=r),
             auto_steps=Counter("fewstep_auto_steps_total", "What steps: auto chose", ["model", "steps"], registry=r),
             gate_score=Histogram("fewstep_gate_score", "Quality-gate scores of student images (1: surely right)",
                                  buckets=(0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0),
@@ -81,6 +82,8 @@ class Metrics:
     def bound(self, models: Iterable[str], steps: Iterable[int]) -> Metrics:
         """Fix the label values a request may produce: the served models and the step counts they serve."""
         self.models, self.steps = frozenset(models), frozenset(str(s) for s in steps)
+        for path in ("wire", "head", "app"):  # every refusal path shows, at 0 until used
+            self.rejected.labels(path=path)
         return self
 
     def model_label(self, name: str | None) -> str:

@@ -107,7 +107,7 @@ class Admission:
                 more = message.get("more_body", False) and message["type"] == "http.request"
         except APIError as e:
             return await e.response()(scope, receive, send)
-        self.metrics.rejected.inc()
+        self.metrics.rejected.labels(path="app").inc()
         self.metrics.error("queue_full")
         resp = error_response(
             429,

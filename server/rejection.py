@@ -80,10 +80,10 @@ class EarlyRejection:
             return None
         if self.keys and auth not in self.keys:
             return None  # the app answers 401 first
-        return self._refused(rid)
+        return self._refused(rid, "head")
 
-    def _refused(self, rid: bytes) -> list[tuple[bytes, bytes]]:
-        self.metrics.rejected.inc()
+    def _refused(self, rid: bytes, path: str) -> list[tuple[bytes, bytes]]:
+        self.metrics.rejected.labels(path=path).inc()
         self.metrics.error("queue_full")
         return [
             (b"content-type", b"application/json"),
@@ -133,7 +133,7 @@ class EarlyRejection:
         end = head_end + 4 + int(length)
         if end > len(data) or (self.keys and auth not in self.keys):
             return None  # the body is still on its way (h11 waits for it), or the app answers 401
-        head = b"".join(b"%s: %s\r\n" % kv for kv in self._refused(rid))
+        head = b"".join(b"%s: %s\r\n" % kv for kv in self._refused(rid, "wire"))
         return b"HTTP/1.1 429 \r\n" + head + b"\r\n" + BODY, end  # the bytes h11 writes for the same response
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import selectors
 import socket
+import threading
 import time
 
 import pytest
@@ -31,8 +32,8 @@ def timed_select(selector: CoalescingSelector, timeout: float | None) -> tuple[f
 
 def test_the_selector_waits_a_window_only_while_busy(pair):
     a, b = pair
-    busy = [False]
-    selector = CoalescingSelector(selectors.DefaultSelector(), 0.2, lambda: busy[0])
+    busy, wake = [False], threading.Event()
+    selector = CoalescingSelector(selectors.DefaultSelector(), 0.2, lambda: busy[0], wake)
     selector.register(a, selectors.EVENT_READ)
     b.send(b"x")
     elapsed, n = timed_select(selector, None)
@@ -47,6 +48,9 @@ def test_the_selector_waits_a_window_only_while_busy(pair):
     a.recv(1)
     elapsed, n = timed_select(selector, None)
     assert n == 0 and elapsed >= 0.19  # nothing arrived in the window: the loop comes back to select again
+    threading.Timer(0.03, wake.set).start()  # the device finished: the window ends at once
+    elapsed, n = timed_select(selector, None)
+    assert n == 0 and elapsed < 0.15 and not wake.is_set()
     selector.unregister(a)
     assert not selector.get_map()
     selector.close()
@@ -70,6 +74,9 @@ def test_fewstep_serve_loop_coalesces_while_saturated(models_dir, poll_ms, at_le
         assert max(times) >= at_least_s
         if poll_ms == 0:
             assert max(times) < 0.05  # a refusal at the wire costs microseconds
-        del served.app.state.engine.saturated  # room again: served
+        engine = served.app.state.engine
+        del engine.saturated  # room again: served
+        engine.device_done.clear()
         s.sendall(WHOLE)
         assert responses.next()[0] == 200
+        assert engine.device_done.is_set()  # the batch's end is signalled to the selector

@@ -101,7 +101,7 @@ async def test_a_saturated_server_refuses_before_reading_the_body(models_dir):
         client.engine.saturated = lambda: True
         r = await client.post("/v1/generate", **_raw(b"this is not even JSON"))
         assert r.status_code == 429 and r.headers["retry-after"] and r.json()["error"]["code"] == "queue_full"
-        assert "fewstep_rejected_total 1.0" in (await client.get("/metrics")).text
+        assert 'fewstep_rejected_total{path="app"} 1.0' in (await client.get("/metrics")).text
 
 
 async def test_admission_counts_work(models_dir):
