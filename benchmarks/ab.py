@@ -5,7 +5,7 @@ other, and measures it the same way).
 A setting is FEWSTEP_* environment variables for `fewstep serve` (docs/api.md lists them); "default" is none.
 
     python benchmarks/ab.py --mode throughput FEWSTEP_PNG_COMPRESS_LEVEL=6 FEWSTEP_PNG_COMPRESS_LEVEL=1
-    python benchmarks/ab.py --mode overload FEWSTEP_SATURATED_POLL_MS=0 default
+    python benchmarks/ab.py --mode overload FEWSTEP_THREADS=1 default
 
 - throughput: 32 closed-loop clients, 1-step requests: images/s (as benchmarks/serve.py's 32-client row);
 - overload: capacity (32 closed-loop clients for 8 s), then open-loop arrivals at 4x it for 12 s: goodput

@@ -183,9 +183,6 @@ class Engine:
         self.cost_s: dict[str, float] = {}  # seconds per image-step, per model (warm-up, then every batch)
         self._wake: asyncio.Event | None = None
         self._arrived = threading.Event()  # set on the event loop by arrivals and cancellations, read by the device
-        # set on the device thread when a slice of work ends, after the event loop has been told: ends the polling
-        # window of a coalescing selector (server/coalesce.py) at once, so the device never waits it out
-        self.device_done = threading.Event()
         self._task: asyncio.Task | None = None
         self._warm_task: asyncio.Task | None = None
         self._running: asyncio.Future | None = None  # the slice of work on the executor now
@@ -509,19 +506,11 @@ class Engine:
             if not self.queue:
                 return
 
-    def _on_device(self, fn, *args) -> asyncio.Future:
-        """``run_in_executor`` on the device thread, then ``device_done`` set. Its callback is added after
-        ``wrap_future``'s, which wakes the loop (its self-pipe), so a selector woken by the event finds that
-        wake-up ready when it polls."""
-        done = self.executor.submit(fn, *args)
-        future = asyncio.wrap_future(done, loop=asyncio.get_running_loop())
-        done.add_done_callback(lambda _: self.device_done.set())
-        return future
-
     async def _whole(self, batch: list[Job]) -> None:
+        loop = asyncio.get_running_loop()
         began = time.perf_counter()
         self._whole_ends = began + sum(j.cost_s for j in batch)
-        self._running = self._on_device(self._run_batch, batch)
+        self._running = loop.run_in_executor(self.executor, self._run_batch, batch)
         try:
             results = await self._running
             self._wholes.append((time.perf_counter(), time.perf_counter() - began))
@@ -627,10 +616,11 @@ class Engine:
         return out
 
     async def _step(self, run: Running, joiners: list[Job]) -> None:
+        loop = asyncio.get_running_loop()
         self._arrived.clear()  # what arrives from now on ends the slice after its current step
         alone = len(self.running) == 1 and not self._other_work_queued()
         steps = MAX_STEPS_PER_SLICE if alone else 1  # others waiting: one step, then their turn
-        self._running = self._on_device(self._run_step, run, joiners, steps)
+        self._running = loop.run_in_executor(self.executor, self._run_step, run, joiners, steps)
         try:
             outcomes, failed = await self._running
         except Exception as e:

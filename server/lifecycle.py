@@ -1,7 +1,6 @@
 """Deadlines for slow clients and a drained shutdown, around the app and inside uvicorn (``fewstep serve``).
 
-- Refusals: ``HeaderDeadline`` answers a saturated engine's 429s itself (server/rejection.py), and the event
-  loop then polls its sockets in short windows instead of waking for each arrival (server/coalesce.py).
+- Refusals: ``HeaderDeadline`` answers a saturated engine's 429s itself (server/rejection.py).
 - Headers: ``HeaderDeadline`` (uvicorn's h11 protocol with a timer) closes a
   connection whose request headers have not all arrived ``header_timeout_s`` after it opened or after its last
   response (uvicorn has no such timeout, so sockets sending partial headers stayed open for ever). There is no
@@ -25,7 +24,6 @@ import logging
 import math
 import signal
 import time
-from collections.abc import Callable
 from types import FrameType
 
 import anyio
@@ -36,7 +34,6 @@ from starlette.responses import JSONResponse
 from starlette.types import Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from fewstep.server.coalesce import loop_factory
 from fewstep.server.rejection import EarlyRejection, RefusingConnection
 from fewstep.server.settings import ServeSettings
 
@@ -47,32 +44,19 @@ UNUSED_GRACE_S = 0.5  # at shutdown, how long a connection that has had no reque
 def build_server(app: FastAPI, settings: ServeSettings) -> DrainingServer:
     """uvicorn serving ``app`` (from ``create_app``) with the deadlines and the drain; ``.run()`` it."""
     wrapped, engine = Deadlines(app, settings), app.state.engine
-    config = _Config(
-        loop_factory(settings.saturated_poll_ms / 1000, lambda: engine.saturated(), engine.device_done),
+    config = uvicorn.Config(
         wrapped,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         # refusals under overload are answered by the protocol itself (server/rejection.py)
         http=HeaderDeadline.configure(settings.header_timeout_s, EarlyRejection(engine, settings, app.state.metrics)),
-        loop="asyncio",  # asyncio's loop, built by _Config with the coalescing selector
+        loop="asyncio",  # the drain and the deadlines are tested on asyncio's loop
         access_log=False,  # RequestContext logs every request once, with its id, status and time
         ws="none",  # no WebSocket routes; an upgrade would bypass the header deadline's bookkeeping
         timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s),  # a shutdown without a signal
     )
     return DrainingServer(config, wrapped, settings)
-
-
-class _Config(uvicorn.Config):
-    """uvicorn's config with our event loop: asyncio's, whose selector coalesces wake-ups while the engine is
-    saturated (server/coalesce.py)."""
-
-    def __init__(self, new_loop: Callable[[], asyncio.AbstractEventLoop], *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._new_loop = new_loop
-
-    def get_loop_factory(self) -> Callable[[], asyncio.AbstractEventLoop]:
-        return self._new_loop
 
 
 class _Abandoned(BaseException):

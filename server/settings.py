@@ -49,13 +49,6 @@ class ServeSettings(BaseSettings):
     max_prompt_chars: int = Field(default=300, ge=1, description="longest prompt accepted")
     max_teacher_steps: int = Field(default=100, ge=1, description="the largest step count a request may ask for")
     max_body_bytes: int = Field(default=65_536, ge=1024, description="largest request body")
-    saturated_poll_ms: float = Field(
-        default=3.0,
-        ge=0,
-        le=100,
-        description="while the queue is full, the event loop polls its sockets every this many ms instead of "
-        "waking for each arrival, which would take a core from the model mid-batch (0: off)",
-    )
     png_compress_level: int = Field(
         default=1,
         ge=0,
