@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import socket
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -240,3 +242,29 @@ def test_only_a_connection_between_requests_is_refused_at_the_wire(saturated):
             s.recv(65536)  # no third answer
     counts = rejected(served)  # the second request is the wire's if it arrives after the body is done
     assert counts["head"] >= 1 and counts["wire"] + counts["head"] == 2
+
+
+def test_hostile_raw_requests_are_answered_the_same_while_saturated(saturated):
+    """benchmarks/reliability.py's raw hostile requests (section 1) against a saturated server: refusing at the
+    wire or at the head must not change how a malformed request is answered. A request the app would refuse for
+    its framing (those that close the connection) or its key gets exactly its answer; the rest may be a 429
+    (refused before the body is read), never a 5xx."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import reliability  # benchmarks/reliability.py
+
+    served, _ = saturated
+    cases = [case for case in reliability.hostile_cases("KEY") if case.raw is not None]
+    assert len(cases) >= 20
+    statuses = []
+    for case in cases:
+        with reliability.raw_socket(served.settings.port) as sock:
+            for i, part in enumerate(case.raw):
+                if i:
+                    time.sleep(0.05)
+                sock.sendall(part)
+            resp = reliability.read_response(sock)
+        exact = case.close or 401 in case.expect
+        allowed = set(case.expect) if exact else {*case.expect, 429}
+        assert resp is not None and resp.status in allowed, (case.name, resp and resp.status)
+        statuses.append(resp.status)
+    assert 429 in statuses  # saturated: the well-formed ones were refused
