@@ -43,14 +43,16 @@ UNUSED_GRACE_S = 0.5  # at shutdown, how long a connection that has had no reque
 
 def build_server(app: FastAPI, settings: ServeSettings) -> DrainingServer:
     """uvicorn serving ``app`` (from ``create_app``) with the deadlines and the drain; ``.run()`` it."""
-    wrapped, engine = Deadlines(app, settings), app.state.engine
+    wrapped = Deadlines(app, settings)
     config = uvicorn.Config(
         wrapped,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         # refusals under overload are answered by the protocol itself (server/rejection.py)
-        http=HeaderDeadline.configure(settings.header_timeout_s, EarlyRejection(engine, settings, app.state.metrics)),
+        http=HeaderDeadline.configure(
+            settings.header_timeout_s, EarlyRejection(app.state.engine, settings, app.state.metrics)
+        ),
         loop="asyncio",  # the drain and the deadlines are tested on asyncio's loop
         access_log=False,  # RequestContext logs every request once, with its id, status and time
         ws="none",  # no WebSocket routes; an upgrade would bypass the header deadline's bookkeeping

@@ -54,7 +54,7 @@ class ServeSettings(BaseSettings):
         ge=0,
         le=9,
         description="zlib level of served PNGs: 1 encodes a small image about 2.5x faster than PIL's default 6 "
-        "for about 10% more bytes; the encoding runs on the event loop (docs/performance.md)",
+        "for about 13% more bytes; the encoding runs on the event loop (docs/performance.md)",
     )
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
