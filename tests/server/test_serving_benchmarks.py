@@ -1,0 +1,33 @@
+"""benchmarks/refusal.py and benchmarks/png.py run on the tiny served models: a row per refusal path (the paths'
+answers agree: the script asserts the same 429 bytes) and a row per zlib level."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_refusal_benchmark_times_both_paths(models_dir):
+    cmd = [sys.executable, "benchmarks/refusal.py", "--models", str(models_dir), "--n", "50"]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    rows = [line for line in run.stdout.splitlines() if line.startswith("| at the wire") or
+            line.startswith("| through h11")]  # fmt: skip
+    assert len(rows) == 2, run.stdout
+    assert "the same" in run.stdout and "(a 429)" in run.stdout
+    for row in rows:
+        assert float(row.split("|")[2]) > 0
+
+
+def test_png_benchmark_times_every_level(models_dir):
+    """benchmarks/png.py: a row per zlib level (the script checks every level decodes to the same pixels)."""
+    cmd = [sys.executable, "benchmarks/png.py", "--model", str(models_dir / "tiny-student"), "--images", "2",
+           "--repeat", "1"]  # fmt: skip
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    rows = [line.split("|") for line in run.stdout.splitlines() if line[:2] == "| " and line[2].isdigit()]
+    assert [int(r[1]) for r in rows] == list(range(10))
+    assert float(rows[6][4].strip(" ×")) == 1.0  # the reference level
