@@ -112,11 +112,11 @@ def create_app(settings: ServeSettings, registry: Registry | None = None) -> Fas
         yield
         await engine.stop(settings.drain_timeout_s)
 
-    app = FastAPI(title="fewstep", version=_version(), lifespan=lifespan)
+    app = FastAPI(title="fewstep", version=_version(), lifespan=lifespan, routes=list(router.routes))
     app.state.engine, app.state.settings, app.state.metrics = engine, settings, metrics
     app.state.service = ImageService(engine, registry, settings, metrics)
     errors.install(app, metrics)
-    app.include_router(router)
+    # the routes directly, not app.include_router: FastAPI matches an included router's routes twice per request
     # added innermost first: a request meets RequestContext, then BodyLimit, then Admission
     app.add_middleware(Admission, engine=engine, metrics=metrics)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)

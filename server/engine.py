@@ -42,7 +42,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from PIL import Image
 
-from fewstep.models.images import to_pil
+from fewstep.models.images import encode, to_pil
 from fewstep.models.inflight import InFlight
 from fewstep.server.breaker import CircuitBreaker
 from fewstep.server.metrics import Metrics
@@ -58,6 +58,9 @@ MAX_RUNNING = 4  # running batches at once (distinct keys); more wait in the que
 # a lone running batch with nothing else to do takes up to this many steps per slice (one executor hand-off instead
 # of one per step, as vLLM's multi-step scheduling); an arrival or a cancellation ends the slice after its step
 MAX_STEPS_PER_SLICE = 8
+# a job whose images have at most this many pixels in all is encoded on the device thread when its batch ends (eight
+# 64×64 images: well under a millisecond); larger images are encoded by the HTTP layer, off both threads
+SMALL_IMAGES_PIXELS = 64 * 64 * 8
 
 
 class QueueFull(Exception):
@@ -70,6 +73,18 @@ class NotServable(Exception):
 
 class BatchFailed(Exception):
     """Something outside the models failed while running a batch: that batch's requests fail, nothing else."""
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """How a request's images are served: format, JPEG/WebP quality and PNG zlib level (models/images.py)."""
+
+    fmt: str = "png"
+    quality: int = 95
+    png_level: int = 1
+
+    def __call__(self, image: Image.Image) -> bytes:
+        return encode(image, self.fmt, self.quality, self.png_level)
 
 
 @dataclass
@@ -89,6 +104,7 @@ class Job:
     started: float | None = None  # when it joined a running batch (step-level scheduling)
     gate: bool = False  # score the student's images; the teacher regenerates those under the gate's threshold
     children: list[Job] = field(default_factory=list)  # its gated images' teacher job (cancelled with it)
+    encoding: Encoding | None = None  # set: small images are encoded on the device thread (SMALL_IMAGES_PIXELS)
 
     @property
     def key(self) -> tuple[str, int, float | None, tuple[int, int] | None]:
@@ -116,6 +132,8 @@ class Result:
     regenerate: list[int] = field(default_factory=list)
     image_served_by: list[str] | None = None  # per image, when some were regenerated
     image_reasons: list[str | None] | None = None
+    encoded: list[bytes] | None = None  # the images in the job's encoding, when the device thread encoded them
+    encode_ms: float = 0.0
 
 
 def device_executor() -> ThreadPoolExecutor:
@@ -163,6 +181,24 @@ class _ToTeacher:
     """A student's running batch failed (an error, or non-finite images): the job goes to the teacher."""
 
 
+def _encoded(job: Job, result: Result) -> Result:
+    """``result`` with its images in the job's encoding when they are small and final (none for the teacher to
+    redo), on the device thread as its batch ends.
+
+    In a burst of small requests the event loop is the bottleneck between two batches: it answers one batch and
+    reads the next while the device waits. Encoding here, where the loop does not wait for a thread hop, takes
+    that work out of the gap (docs/performance.md). Larger images are encoded by the HTTP layer, off both."""
+    pixels = sum(im.width * im.height for im in result.images)
+    if job.encoding is None or result.regenerate or pixels > SMALL_IMAGES_PIXELS:
+        return result
+    t0 = time.perf_counter()
+    try:
+        encoded = [job.encoding(im) for im in result.images]
+    except Exception:  # the HTTP layer encodes them again and answers the error there
+        return result
+    return replace(result, encoded=encoded, encode_ms=1000 * (time.perf_counter() - t0))
+
+
 def _settle(job: Job, outcome: Result | BaseException) -> None:
     if job.future is not None and not job.future.done():
         if isinstance(outcome, BaseException):
@@ -183,6 +219,7 @@ class Engine:
         self.cost_s: dict[str, float] = {}  # seconds per image-step, per model (warm-up, then every batch)
         self._wake: asyncio.Event | None = None
         self._arrived = threading.Event()  # set on the event loop by arrivals and cancellations, read by the device
+        self._snapshot: tuple[tuple, Snapshot] | None = None  # (the models' health it was built from, it)
         self._task: asyncio.Task | None = None
         self._warm_task: asyncio.Task | None = None
         self._running: asyncio.Future | None = None  # the slice of work on the executor now
@@ -276,7 +313,21 @@ class Engine:
 
     # ---- health and routing ------------------------------------------------------------------------------
     def snapshot(self) -> Snapshot:
-        """The models' health now, as plain data for routing (server/routing.py)."""
+        """The models' health now, as plain data for routing (server/routing.py). Every request routes on one, so
+        it is rebuilt only when some model's health has changed since the last (building one is most of what
+        routing costs, about 30 µs for the zoo's models)."""
+        health = (
+            self.registry.default,
+            tuple(
+                (m.name, m.ready, m.error, m.role == "student" and self.breaker.is_open(m.name))
+                for m in self.registry.models.values()
+            ),
+        )
+        if self._snapshot is None or self._snapshot[0] != health:
+            self._snapshot = (health, self._build_snapshot())
+        return self._snapshot[1]
+
+    def _build_snapshot(self) -> Snapshot:
         views = {}
         for m in self.registry.models.values():
             views[m.name] = ModelView(
@@ -566,7 +617,7 @@ class Engine:
         )
         for k, i in enumerate(idx):
             images[i], served[i], reasons[i] = regenerated.images[k], regenerated.served_by, "quality_gate"
-        _settle(job, replace(result, images=images, image_served_by=served, image_reasons=reasons,
+        _settle(job, replace(result, images=images, encoded=None, image_served_by=served, image_reasons=reasons,
                              fallback_reason=result.fallback_reason or "quality_gate",
                              inference_ms=result.inference_ms + regenerated.inference_ms))  # fmt: skip
 
@@ -718,7 +769,7 @@ class Engine:
                 result = Result(to_pil(images), job.seeds, entry.name, job.steps, job.fallback_reason,
                                 queue_ms=1000 * (job.started - job.enqueued), inference_ms=1000 * (now - job.started),
                                 batch_images=peak)  # fmt: skip
-                out.append((job, result))
+                out.append((job, _encoded(job, result)))
             if student and done:  # one outcome per slice, as one per whole batch: consecutive failures trip it
                 (self.breaker.record_failure if student_failed else self.breaker.record_success)(entry.name)
             return out, False
@@ -790,20 +841,19 @@ class Engine:
                 self.metrics.fallbacks.labels(reason=reason).inc()
             mine = scores[offset : offset + n] if scores is not None and job.gate else None
             regenerate = [] if mine is None else [i for i, x in enumerate(mine) if x < entry.gate.threshold(steps)]
-            out.append(
-                Result(
-                    pils[offset : offset + n],
-                    job.seeds,
-                    served_by,
-                    steps,
-                    reason,
-                    queue_ms=1000 * (start - job.enqueued),
-                    inference_ms=1000 * elapsed,
-                    batch_images=n_images,
-                    gate_scores=mine,
-                    regenerate=regenerate,
-                )
+            result = Result(
+                pils[offset : offset + n],
+                job.seeds,
+                served_by,
+                steps,
+                reason,
+                queue_ms=1000 * (start - job.enqueued),
+                inference_ms=1000 * elapsed,
+                batch_images=n_images,
+                gate_scores=mine,
+                regenerate=regenerate,
             )
+            out.append(_encoded(job, result))
             if mine is not None:
                 self.metrics.gate_images.labels(outcome="passed").inc(n - len(regenerate))
                 self.metrics.gate_images.labels(outcome="regenerated").inc(len(regenerate))

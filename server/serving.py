@@ -15,16 +15,23 @@ from dataclasses import dataclass
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from fewstep.models.images import encode
-from fewstep.server.engine import BatchFailed, Engine, Job, NotServable, Plan, QueueFull, Result
+from fewstep.server.engine import (
+    SMALL_IMAGES_PIXELS,
+    BatchFailed,
+    Encoding,
+    Engine,
+    Job,
+    NotServable,
+    Plan,
+    QueueFull,
+    Result,
+)
 from fewstep.server.errors import APIError, quote
 from fewstep.server.metrics import Metrics
 from fewstep.server.protocol import QUALITY_STEPS, GenerateRequest, GenerateResponse, ImagesRequest
 from fewstep.server.registry import Registry
 from fewstep.server.routing import RouteError
 from fewstep.server.settings import ServeSettings
-
-INLINE_ENCODE_PIXELS = 64 * 64 * 8  # up to eight 64×64 images encode in well under a millisecond
 
 
 @dataclass
@@ -173,6 +180,8 @@ class ImageService:
             base = random.randrange(0, 2**31) if seed is None else seed
             if base + n - 1 > 2**53 - 1:
                 raise APIError(400, "seed + n - 1 must be at most 2**53 - 1", param="seed", code="invalid_value")
+            quality = 95 if compression is None else compression
+            encoding = Encoding(fmt, quality, self.settings.png_compress_level)
             job = Job(
                 gate=self._gate(decision.model, gate),
                 model=decision.model,
@@ -183,15 +192,18 @@ class ImageService:
                 seeds=[base + i for i in range(n)],
                 size=job_size,
                 fallback_reason=decision.reason,
+                encoding=encoding,
             )
             result = await self._await(request, job)
             t0 = time.perf_counter()
-            quality = 95 if compression is None else compression
-            level = self.settings.png_compress_level
-            if sum(im.width * im.height for im in result.images) <= INLINE_ENCODE_PIXELS:
-                encoded = [encode(im, fmt, quality, level) for im in result.images]  # µs: a thread hop costs more
-            else:  # large images encode off the event loop
-                encoded = await asyncio.to_thread(lambda: [encode(im, fmt, quality, level) for im in result.images])
+            if result.encoded is not None:  # small images: encoded on the device thread (engine._encoded)
+                encoded, encode_ms = result.encoded, result.encode_ms
+            else:
+                if sum(im.width * im.height for im in result.images) <= SMALL_IMAGES_PIXELS:
+                    encoded = [encoding(im) for im in result.images]  # µs: a thread hop costs more
+                else:  # large images encode off the event loop
+                    encoded = await asyncio.to_thread(lambda: [encoding(im) for im in result.images])
+                encode_ms = 1000 * (time.perf_counter() - t0)
             status = 200
             if plan is not None:
                 self.engine.observe_auto(plan.predicted_s, time.perf_counter() - start)
@@ -200,7 +212,7 @@ class ImageService:
                 self.metrics.auto_steps.labels(
                     model=self.metrics.model_label(decision.model), steps=self.metrics.steps_label(decision.steps)
                 ).inc()
-            return Served(result, encoded, 1000 * (time.perf_counter() - t0), start, plan, slo_ms)
+            return Served(result, encoded, encode_ms, start, plan, slo_ms)
         except APIError as e:
             status = e.status_code
             raise

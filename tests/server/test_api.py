@@ -183,3 +183,16 @@ async def test_guidance_for_a_student_with_cfg_distilled_in_is_refused(api):
     listing = {m["id"]: m for m in (await api.get("/v1/models")).json()["data"]}
     assert listing["tiny-student"]["guidance"] == {"default": 1.0, "input": False}
     assert listing["tiny-teacher"]["guidance"]["input"] is True
+
+
+def test_every_app_gets_its_own_copy_of_the_routes(models_dir):
+    """The routes are given to FastAPI directly (an included router's are matched twice per request); FastAPI then
+    adds /openapi.json and /docs to the app's list, which must not be the module's: a second app would get them
+    twice."""
+    from fewstep.server import api
+
+    before = [r.path for r in api.router.routes]
+    apps = [api.create_app(make_settings(models_dir, warmup=False)) for _ in range(2)]
+    assert [r.path for r in api.router.routes] == before
+    paths = [[r.path for r in app.routes] for app in apps]
+    assert paths[0] == paths[1] and len(set(paths[0])) == len(paths[0]) and "/openapi.json" in paths[0]

@@ -136,3 +136,65 @@ async def test_submit_returns_the_jobs_future_and_cancel_drops_it_unsettled(mode
         assert future.cancelled() and job not in engine.queue
         _settle(job, NotServable("late"))  # what a batch would do with it: nothing (no unread exception)
         assert future.cancelled()
+
+
+# ---- small images are encoded on the device thread; the routing snapshot is rebuilt only on a change ----------
+
+
+def _result(*sizes: tuple[int, int], regenerate: list[int] | None = None):
+    from fewstep.server.engine import Result
+
+    rng = np.random.default_rng(len(sizes))
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB") for w, h in sizes]
+    return Result(images, list(range(len(images))), "m", 1, None, 0.0, 1.0, len(images), regenerate=regenerate or [])
+
+
+def test_small_final_images_are_encoded_as_their_batch_ends():
+    from fewstep.models.images import encode
+    from fewstep.server.engine import Encoding, Job, _encoded
+
+    def job(encoding):
+        return Job(model="m", requested="m", prompt="p", steps=1, guidance=None, seeds=[0], encoding=encoding)
+
+    small = _result((32, 32), (32, 32))
+    done = _encoded(job(Encoding("png", 95, 3)), small)
+    assert done.encoded == [encode(im, "png", png_level=3) for im in small.images] and done.encode_ms > 0
+    webp = _encoded(job(Encoding("webp", 80, 1)), small)
+    assert webp.encoded == [encode(im, "webp", quality=80) for im in small.images]
+    # left to the HTTP layer: no encoding asked, images the teacher will redo, images over the pixel budget,
+    # and an encoding that fails (the HTTP layer answers its error)
+    assert _encoded(job(None), small).encoded is None
+    assert _encoded(job(Encoding()), _result((32, 32), regenerate=[0])).encoded is None
+    assert _encoded(job(Encoding()), _result((128, 128), (128, 128), (128, 128))).encoded is None
+    assert _encoded(job(Encoding("gif")), small).encoded is None
+
+
+@pytest.mark.anyio
+async def test_a_served_png_is_the_encoding_of_its_pixels_at_the_configured_level(models_dir):
+    from fewstep.models.images import small_png
+
+    async with serve_app(make_settings(models_dir, png_compress_level=4, warmup=False)) as c:
+        body = (await c.post("/v1/generate", json={"prompt": "a red 7 on black", "seed": 3, "n": 2})).json()
+    for im in body["images"]:
+        png = base64.b64decode(im["b64"])
+        assert png == small_png(np.asarray(Image.open(io.BytesIO(png))), 4)
+    assert body["timings"]["encode_ms"] > 0
+
+
+def test_the_routing_snapshot_is_rebuilt_only_when_a_model_health_changes(models_dir):
+    from fewstep.server.api import create_app
+
+    engine = create_app(make_settings(models_dir, warmup=False, breaker_threshold=1, breaker_cooldown_s=5)).state.engine
+    now = [100.0]
+    engine.breaker.clock = lambda: now[0]
+    first = engine.snapshot()
+    assert engine.snapshot() is first  # nothing changed: the same snapshot
+    engine.breaker.record_failure("tiny-student")  # the circuit opens
+    opened = engine.snapshot()
+    assert opened is not first and opened.models["tiny-student"].circuit_open
+    assert engine.route("tiny-student", 1).model == "tiny-teacher"
+    now[0] += 5  # the cool-down is over: the next batch is a trial, routed to the student again
+    assert not engine.snapshot().models["tiny-student"].circuit_open
+    assert engine.route("tiny-student", 1).model == "tiny-student"
+    engine.registry.models["tiny-student"].error = "failed warm-up"  # a model's health, as the engine records it
+    assert engine.snapshot().models["tiny-student"].error == "failed warm-up"
