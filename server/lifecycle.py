@@ -35,6 +35,7 @@ from starlette.types import Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from fewstep.server.rejection import EarlyRejection, RefusingConnection
+from fewstep.server.serving import DISCONNECT
 from fewstep.server.settings import ServeSettings
 
 log = logging.getLogger("fewstep.server")
@@ -218,6 +219,12 @@ class HeaderDeadline(H11Protocol):
             self._wait_for_headers()
         return data[start:] if start else data
 
+    def handle_events(self) -> None:
+        cycle = self.cycle
+        super().handle_events()
+        if self.cycle is not cycle and self.cycle is not None:  # a new request: its task has not run yet
+            self.cycle.scope.setdefault("extensions", {})[DISCONNECT] = []
+
     def on_response_complete(self) -> None:
         done = self.cycle
         super().on_response_complete()  # may parse a pipelined request, which starts a new cycle
@@ -227,6 +234,9 @@ class HeaderDeadline(H11Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         self._stop_timer()
+        if self.cycle is not None and self.cycle.disconnected:  # mid-request: its handler stops waiting for a result
+            for callback in self.cycle.scope.get("extensions", {}).get(DISCONNECT, ()):
+                callback()
 
     def shutdown(self) -> None:
         """uvicorn closes every idle connection once the listener has closed. One that has not had a request yet

@@ -274,8 +274,10 @@ class ImageService:
     async def _await(self, request: Request, job: Job) -> Result:
         """Wait for the job; give up on a timeout (504) or when the client goes away (dropped unrun).
 
-        Event-driven, not polled: with the body read, the next ASGI message is the client's disconnect, so one
-        task waits for it beside the job (polling every request every few ms cost a core's tenth under load)."""
+        Event-driven, not polled. Under ``fewstep serve`` the connection itself reports its loss (the DISCONNECT
+        extension, server/lifecycle.py), so waiting is one future and one timer; under another ASGI server a task
+        waits for the ``http.disconnect`` message beside the job (the body has been read, so nothing else arrives).
+        That task was about a quarter of the request path's cost in-process (docs/performance.md)."""
         retry = {"Retry-After": str(self.settings.retry_after_s)}
         try:
             result = self.engine.submit(job)
@@ -287,21 +289,26 @@ class ImageService:
                 code="queue_full",
                 headers={"Retry-After": str(self.engine.retry_after_s())},
             ) from None
-        gone = asyncio.ensure_future(_disconnected(request))
+        loop = asyncio.get_running_loop()
+        timer = loop.call_later(self.settings.request_timeout_s, _end, result, _TimedOut())
+        hooks = request.scope.get("extensions", {}).get(DISCONNECT)
+        gone = None
+        if hooks is not None:
+            hooks.append(lambda: _end(result, _ClientGone()))
+        else:
+            gone = asyncio.ensure_future(_disconnected(request))
+            gone.add_done_callback(lambda _: _end(result, _ClientGone()))
         try:
-            done, _ = await asyncio.wait(
-                {result, gone}, timeout=self.settings.request_timeout_s, return_when=asyncio.FIRST_COMPLETED
-            )
-            if result in done:
-                return result.result()
-            if gone in done:  # counted by the APIError handler
-                raise APIError(499, "client disconnected", code="client_disconnected")
+            return await result
+        except _ClientGone:  # counted by the APIError handler
+            raise APIError(499, "client disconnected", code="client_disconnected") from None
+        except _TimedOut:
             raise APIError(
                 504,
                 f"request did not finish within {self.settings.request_timeout_s} s",
                 "server_error",
                 code="timeout",
-            )
+            ) from None
         except asyncio.CancelledError:  # the server cancelled the handler (client gone, or the drain deadline)
             self.metrics.error("client_disconnected")
             raise
@@ -312,10 +319,11 @@ class ImageService:
         finally:
             # every way out (result, timeout, disconnect, cancellation): out of the queue if still there; a running
             # batch drops it at its next step
+            timer.cancel()
             self.engine.cancel(job)
             if result.done() and not result.cancelled():
                 result.exception()  # settled in the turn this handler was cancelled: read, so asyncio logs nothing
-            if not gone.done():
+            if gone is not None and not gone.done():
                 gone.cancel()
 
     # ---- GET /v1/models ----------------------------------------------------------------------------------
@@ -340,6 +348,25 @@ class ImageService:
             })  # fmt: skip
         # bytes not loaded twice: components identical across pipelines (FLUX.1-schnell and -dev: CLIP, T5, VAE)
         return {"object": "list", "data": data, "shared_bytes": self.registry.shared_bytes}
+
+
+# scope["extensions"] key of a server that reports a lost connection itself (``fewstep serve``: lifecycle.py): a list
+# to which the request's handler appends callbacks, called when the client's connection is lost mid-request
+DISCONNECT = "fewstep.disconnect"
+
+
+class _ClientGone(Exception):
+    pass
+
+
+class _TimedOut(Exception):
+    pass
+
+
+def _end(result: asyncio.Future, why: Exception) -> None:
+    """Ends the wait for a job's result early (the job itself is cancelled by whoever waited)."""
+    if not result.done():
+        result.set_exception(why)
 
 
 async def _disconnected(request: Request) -> None:

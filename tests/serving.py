@@ -124,14 +124,21 @@ def free_port() -> int:
 
 
 class LiveServer:
-    """A real uvicorn server on a free loopback port, in a background thread."""
+    """A real uvicorn server on a free loopback port, in a background thread: plain uvicorn, as another deployment
+    would run the app, or with ``lifecycle`` the server of ``fewstep serve`` (server/lifecycle.py)."""
 
-    def __init__(self, settings: ServeSettings):
-        self.app = create_app(settings)
+    def __init__(self, settings: ServeSettings, lifecycle: bool = False):
         self.port = free_port()
+        settings = settings.model_copy(update={"port": self.port, "host": "127.0.0.1"})
+        self.app = create_app(settings)
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
-        self.server = uvicorn.Server(config)
+        if lifecycle:
+            from fewstep.server.lifecycle import build_server
+
+            self.server = build_server(self.app, settings)
+        else:
+            config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
+            self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> LiveServer:

@@ -57,10 +57,14 @@ async def test_a_slow_request_times_out_with_504(models_dir):
 
 
 @pytest.mark.slow
-def test_a_disconnected_client_is_dropped_before_it_runs(models_dir):
+@pytest.mark.parametrize("lifecycle", [True, False], ids=["fewstep-serve", "plain-uvicorn"])
+def test_a_disconnected_client_is_dropped_before_it_runs(models_dir, lifecycle):
+    """Under ``fewstep serve`` the connection reports its own loss (serving.DISCONNECT); under plain uvicorn a task
+    waits for the disconnect message. Either way the job leaves the queue unrun."""
     # step scheduling off: the second teacher request (another guidance: another batch) waits behind the first
     # (on, it would start its own running batch at once; test_step_scheduling.py covers leaving one)
-    with LiveServer(make_settings(models_dir, max_batch=8, warmup=False, step_scheduling=False)) as server:
+    settings = make_settings(models_dir, max_batch=8, warmup=False, step_scheduling=False)
+    with LiveServer(settings, lifecycle=lifecycle) as server:
 
         async def queue_depth(c) -> float:
             for line in (await c.get("/metrics")).text.splitlines():
