@@ -117,3 +117,137 @@ class RawPool:
     def close(self) -> None:
         for _, writer, _ in self.idle:
             writer.close()
+
+
+class _Exchange(asyncio.Protocol):
+    """One keep-alive connection of ``OpenLoop``: callbacks only, no task or stream per request."""
+
+    def __init__(self, owner: OpenLoop):
+        self.owner, self.transport, self.buf = owner, None, b""
+        self.sent_at: float | None = None  # while a request is out
+        self.idle_since = 0.0
+
+    def connection_made(self, transport) -> None:
+        transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.transport = transport
+
+    def send(self) -> None:
+        self.sent_at = time.perf_counter()
+        self.transport.write(self.owner.request_bytes)
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        end = self.buf.find(b"\r\n\r\n")
+        if end < 0 or self.sent_at is None:
+            return
+        lines = self.buf[:end].decode("latin-1").split("\r\n")
+        fields = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+        length = int(fields.get("content-length", "0"))
+        if len(self.buf) < end + 4 + length:
+            return
+        self.buf = self.buf[end + 4 + length :]
+        sent, self.sent_at = self.sent_at, None
+        close = fields.get("connection", "").lower() == "close"
+        if close:
+            self.transport.close()
+        self.owner.done(self, int(lines[0].split()[1]), fields, sent, reusable=not close)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.sent_at is not None:  # closed with a request out
+            sent, self.sent_at = self.sent_at, None
+            self.owner.failed(self, type(exc).__name__ if exc else "IncompleteReadError", sent)
+        self.owner.forget(self)
+
+
+class OpenLoop:
+    """Open-loop arrivals of one fixed POST: every 1/rate s for ``seconds`` whatever the server answers, at most
+    ``cap`` in flight, each given up after ``patience`` s. Built on protocol callbacks (no task, stream or timer per
+    request), so that at thousands of arrivals per second the generator takes little of the cores it shares with
+    the server it measures; arrivals due within the same millisecond go out together."""
+
+    TICK_S = 0.001
+
+    def __init__(self, port: int, payload: dict, headers: dict[str, str] | None = None, path: str = "/v1/generate"):
+        self.port = port
+        headers = {**(headers or {}), "content-type": "application/json"}
+        self.request_bytes = raw_request(port, "POST", path, headers, json.dumps(payload).encode())
+        self.idle: list[_Exchange] = []
+        self.busy: set[_Exchange] = set()
+        self.connecting = 0
+        self.on_answer = None  # (status, lower-cased headers, seconds) -> None
+        self.on_failure = None  # (error name) -> None
+
+    def done(self, ex: _Exchange, status: int, fields: dict[str, str], sent: float, reusable: bool) -> None:
+        self.busy.discard(ex)
+        now = time.perf_counter()
+        if reusable:
+            ex.idle_since = now
+            self.idle.append(ex)
+        self.on_answer(status, fields, now - sent)
+
+    def failed(self, ex: _Exchange, error: str, sent: float) -> None:
+        self.busy.discard(ex)
+        self.on_failure(error)
+
+    def forget(self, ex: _Exchange) -> None:
+        """Its connection has closed."""
+        self.busy.discard(ex)
+        if ex in self.idle:
+            self.idle.remove(ex)
+
+    async def _open_and_send(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            _, ex = await loop.create_connection(lambda: _Exchange(self), HOST, self.port)
+        except OSError as e:
+            self.on_failure(type(e).__name__)
+            return
+        finally:
+            self.connecting -= 1
+        self.busy.add(ex)
+        ex.send()
+
+    def _dispatch(self, tasks: set[asyncio.Task]) -> None:
+        while self.idle and time.perf_counter() - self.idle[-1].idle_since > RawPool.MAX_IDLE_S:
+            self.idle.pop().transport.close()  # the server may be closing it (keep-alive): a reset if reused
+        if self.idle:
+            ex = self.idle.pop()
+            self.busy.add(ex)
+            ex.send()
+        else:
+            self.connecting += 1
+            task = asyncio.get_running_loop().create_task(self._open_and_send())
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+    def _expire(self, patience: float) -> None:
+        now = time.perf_counter()
+        for ex in [ex for ex in self.busy if ex.sent_at is not None and now - ex.sent_at > patience]:
+            ex.sent_at = None  # counted here, not again when its connection is lost
+            self.busy.discard(ex)
+            ex.transport.abort()
+            self.on_failure("TimeoutError")
+
+    async def run(self, rate: float, seconds: float, cap: int, patience: float) -> tuple[int, int, float]:
+        """-> (offered, not sent because ``cap`` were in flight, seconds from the first arrival to the last
+        answer); answers and failures go to ``on_answer`` and ``on_failure``."""
+        total, offered, not_sent, tasks = int(rate * seconds), 0, 0, set()
+        start = time.perf_counter()
+        while offered < total:
+            due = min(total, int((time.perf_counter() - start) * rate) + 1)
+            for _ in range(due - offered):
+                offered += 1
+                if len(self.busy) + self.connecting >= cap:
+                    not_sent += 1
+                else:
+                    self._dispatch(tasks)
+            self._expire(patience)
+            await asyncio.sleep(self.TICK_S)
+        deadline = time.perf_counter() + patience + 1
+        while (self.busy or self.connecting) and time.perf_counter() < deadline:
+            self._expire(patience)
+            await asyncio.sleep(0.01)
+        elapsed = time.perf_counter() - start
+        for ex in [*self.idle, *self.busy]:
+            ex.transport.close()
+        return offered, not_sent, elapsed

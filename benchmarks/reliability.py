@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-from loadgen import HOST, RawPool, raw_request  # benchmarks/loadgen.py, beside this script
+from loadgen import HOST, OpenLoop, RawPool, raw_request  # benchmarks/loadgen.py, beside this script
 
 PROMPT = "a red 7 on black"
 ONE_STEP = {"prompt": PROMPT, "steps": 1}
@@ -767,39 +767,22 @@ class LoadResult:
 async def open_loop(
     port: int, headers: dict[str, str], rate: float, seconds: float, cap: int, patience: float
 ) -> LoadResult:
-    """Arrivals every 1/rate s for ``seconds`` whatever the server does (open loop), at most ``cap`` in flight."""
-    pool, res = RawPool(port, ONE_STEP, headers), LoadResult()
-    in_flight: set[asyncio.Task] = set()
+    """Arrivals every 1/rate s for ``seconds`` whatever the server does (open loop), at most ``cap`` in flight
+    (benchmarks/loadgen.py's OpenLoop: callbacks, no task per request, so that it leaves the cores to the server)."""
+    gen, res = OpenLoop(port, ONE_STEP, headers), LoadResult()
 
-    async def one() -> None:
-        t0 = time.perf_counter()
-        try:
-            status, h = await asyncio.wait_for(pool.post(), patience)
-        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError) as e:
-            res.statuses[type(e).__name__] += 1
-            return
+    def answered(status: int, h: dict[str, str], seconds: float) -> None:
         res.statuses[status] += 1
         if status == 200:
-            res.latencies_ms.append(1000 * (time.perf_counter() - t0))
+            res.latencies_ms.append(1000 * seconds)
         elif status == 429 and "retry-after" in h:
             res.retry_after += 1
 
-    start = time.perf_counter()
-    for i in range(int(rate * seconds)):
-        delay = start + i / rate - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        res.offered += 1
-        if len(in_flight) >= cap:
-            res.not_sent += 1
-            continue
-        task = asyncio.create_task(one())
-        in_flight.add(task)
-        task.add_done_callback(in_flight.discard)
-    if in_flight:
-        await asyncio.wait(in_flight, timeout=patience + 1)
-    res.elapsed = time.perf_counter() - start
-    pool.close()
+    def failed(error: str) -> None:
+        res.statuses[error] += 1
+
+    gen.on_answer, gen.on_failure = answered, failed
+    res.offered, res.not_sent, res.elapsed = await gen.run(rate, seconds, cap, patience)
     return res
 
 
