@@ -63,7 +63,7 @@ def validation_error(errors) -> APIError:
     msg = first.get("msg", "invalid value")
     if first.get("type") == "extra_forbidden":
         msg = "unknown field"
-    elif first.get("type") in ("model_attributes_type", "dict_type") and not field:
+    elif first.get("type") in ("model_attributes_type", "model_type", "dict_type") and not field:
         msg = "request body must be a JSON object"
     return APIError(400, f"{field}: {msg}" if field else msg, param=field, code="invalid_value")
 

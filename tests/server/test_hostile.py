@@ -224,3 +224,35 @@ async def test_an_abandoned_job_leaves_the_queue_and_its_budget_at_once(models_d
         engine.queued_work_s += job.cost_s
         engine.cancel(job)
         assert not engine.queue and engine.queued_work_s == 0 and job.cancelled
+
+
+@pytest.mark.parametrize("path", ["/v1/generate", "/v1/images/generations"])
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"", "Field required"),
+        (b"[]", "request body must be a JSON object"),
+        (b"null", "request body must be a JSON object"),
+        (b'"a red 7"', "request body must be a JSON object"),
+        (b"{}", "prompt: Field required"),
+        (b'{"prompt": 5}', "prompt: Input should be a valid string"),
+        (b'{"prompt": "a 7", "n": 0}', "n: Input should be greater than or equal to 1"),
+        (b'{"prompt": "a 7", "nope": 1}', "nope: unknown field"),
+    ],
+)
+async def test_bodies_that_are_not_a_valid_request_name_what_is_wrong(api, path, body, message):
+    """The generation routes parse and validate their body themselves (server/body.py); the answers are those
+    FastAPI gave for the same bodies."""
+    r = await api.post(path, content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["message"] == message
+
+
+def test_the_generation_routes_are_called_directly_and_the_others_through_fastapi():
+    from fewstep.server.api import router
+    from fewstep.server.body import _direct_call
+    from fewstep.server.protocol import GenerateRequest, ImagesRequest
+
+    direct = {route.path: _direct_call(route) for route in router.routes}
+    assert direct["/v1/generate"] == (GenerateRequest, "body", "request")
+    assert direct["/v1/images/generations"] == (ImagesRequest, "body", "request")
+    assert all(v is None for k, v in direct.items() if not k.startswith("/v1/generate") and "images" not in k)
