@@ -34,6 +34,23 @@ def _service(request: Request) -> ImageService:
     return request.app.state.service
 
 
+# the generation routes first: a request is matched against the routes in order
+@router.post(
+    "/v1/generate",
+    response_model=GenerateResponse,
+    responses={200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}}},
+)
+async def generate(body: GenerateRequest, request: Request):
+    """Images for a prompt; with `Accept: image/png` (n = 1) the image itself, else JSON with base64 images."""
+    return await _service(request).generate(body, request)
+
+
+@router.post("/v1/images/generations")
+async def images_generations(body: ImagesRequest, request: Request):
+    """OpenAI's images API."""
+    return await _service(request).images(body, request)
+
+
 @router.get("/", response_class=HTMLResponse, include_in_schema=False)
 async def playground():
     """The browser playground: plain HTML + JS calling POST /v1/generate (server/static/playground.html)."""
@@ -62,22 +79,6 @@ async def prometheus(request: Request):
 @router.get("/v1/models")
 async def list_models(request: Request):
     return _service(request).models()
-
-
-@router.post(
-    "/v1/generate",
-    response_model=GenerateResponse,
-    responses={200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}}},
-)
-async def generate(body: GenerateRequest, request: Request):
-    """Images for a prompt; with `Accept: image/png` (n = 1) the image itself, else JSON with base64 images."""
-    return await _service(request).generate(body, request)
-
-
-@router.post("/v1/images/generations")
-async def images_generations(body: ImagesRequest, request: Request):
-    """OpenAI's images API."""
-    return await _service(request).images(body, request)
 
 
 def create_app(settings: ServeSettings, registry: Registry | None = None) -> FastAPI:
