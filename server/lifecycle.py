@@ -8,6 +8,9 @@
 - Bodies: ``Deadlines`` answers 408 (``Connection: close``) when a body has not all arrived ``body_timeout_s``
   after its headers. A client that disconnects mid-body is a client event: one info line and
   ``fewstep_errors_total{type="client_disconnected"}``, never an unhandled error.
+- Disconnects while a request waits: ``HeaderDeadline`` gives each request a list under
+  ``scope["extensions"]["fewstep.disconnect"]`` (serving.DISCONNECT) and calls what its handler put there when the
+  connection is lost, so a waiting request needs no task of its own to notice.
 - Shutdown: ``DrainingServer`` turns SIGTERM into a drain. At once /readyz answers 503 and every response carries
   ``Connection: close`` (pooled keep-alive clients reconnect elsewhere instead of meeting a reset); after
   ``drain_grace_s`` the listener closes (a connection with no request yet gets UNUSED_GRACE_S to send one, rather

@@ -53,8 +53,8 @@ class ServeSettings(BaseSettings):
         default=1,
         ge=0,
         le=9,
-        description="zlib level of served PNGs: 1 encodes a small image in about half the time of PIL's default 6 "
-        "for about 13% more bytes (benchmarks/png.py); the encoding runs on the event loop (docs/performance.md)",
+        description="zlib level of served PNGs: 1 encodes a small image in about half the time of 6 for about 8% "
+        "more bytes (benchmarks/png.py)",
     )
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
