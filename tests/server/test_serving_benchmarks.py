@@ -31,3 +31,17 @@ def test_png_benchmark_times_every_level(models_dir):
     rows = [line.split("|") for line in run.stdout.splitlines() if line[:2] == "| " and line[2].isdigit()]
     assert [int(r[1]) for r in rows] == list(range(10))
     assert float(rows[6][4].strip(" ×")) == 1.0  # the reference level
+
+
+def test_batch_gap_benchmark_times_the_gap_between_batches(models_dir):
+    """benchmarks/batch_gap.py: hooks inside a real `fewstep serve` child, 32 lockstep clients, one row per event
+    (each after the device's end of a batch, the next batch's start after the last job is queued)."""
+    cmd = [sys.executable, "benchmarks/batch_gap.py", "--models", str(models_dir), "--model", "tiny-student",
+           "--rounds", "2"]  # fmt: skip
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    rows = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in run.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| event")}  # fmt: skip
+    assert len(rows) == 6, run.stdout
+    assert rows["next batch starts (the gap)"] >= rows["last job queued"] >= rows["first request's headers in"] > 0
+    assert rows["the batch itself"] > 0

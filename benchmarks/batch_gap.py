@@ -1,0 +1,143 @@
+"""Where the time between two batches goes when 32 closed-loop clients keep a batching server in lockstep.
+
+With 32 clients and batches of 32 the device waits, after each batch, while the event loop answers the batch and
+reads the next 32 requests; that gap is what separates the served images/s from the model's own. This script
+times it from inside the server: it starts `fewstep serve` in a child process with timestamps hooked onto the
+engine and uvicorn (batch start and end, each response sent, each request's headers in, each job queued), runs
+the clients, and prints the medians over the last batches, in milliseconds after the device's end of a batch.
+
+    python benchmarks/batch_gap.py [--models zoo] [--model NAME] [--rounds 24]
+
+Diagnostic only: the hooks add a little to every event they time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import serve  # benchmarks/serve.py, beside this script
+
+
+def _child(events_file: str, argv: list[str]) -> None:
+    """The server process: fewstep serve with timestamps on the events above, written out at exit."""
+    import atexit
+
+    from uvicorn.protocols.http import h11_impl
+
+    from fewstep.cli import main
+    from fewstep.server import engine
+
+    events: list[tuple[str, float, int]] = []
+    now = time.perf_counter
+
+    def wrap_batch(run):
+        def timed(self, batch):
+            events.append(("device_start", now(), len(batch)))
+            try:
+                return run(self, batch)
+            finally:
+                events.append(("device_end", now(), len(batch)))
+
+        return timed
+
+    def wrap_enqueue(enqueue):
+        def timed(self, job):
+            events.append(("queued", now(), 0))
+            return enqueue(self, job)
+
+        return timed
+
+    def wrap_cycle(init):
+        def timed(self, *a, **kw):
+            events.append(("headers", now(), 0))
+            return init(self, *a, **kw)
+
+        return timed
+
+    def wrap_send(send):
+        async def timed(self, message):
+            await send(self, message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                events.append(("sent", now(), 0))
+
+        return timed
+
+    engine.Engine._run_batch = wrap_batch(engine.Engine._run_batch)
+    engine.Engine._enqueue = wrap_enqueue(engine.Engine._enqueue)
+    h11_impl.RequestResponseCycle.__init__ = wrap_cycle(h11_impl.RequestResponseCycle.__init__)
+    h11_impl.RequestResponseCycle.send = wrap_send(h11_impl.RequestResponseCycle.send)
+    atexit.register(lambda: Path(events_file).write_text(json.dumps(events)))
+    sys.argv = ["fewstep", "serve", *argv]
+    main()
+
+
+def gaps(events: list, last: int) -> dict[str, float]:
+    """Medians over the last ``last`` full batches (32 images) followed by another: ms after the device's end."""
+    ends = [i for i, e in enumerate(events) if e[0] == "device_end" and e[2] == 32]
+    rows = []
+    for a, b in zip(ends[-last - 1 : -1], ends[-last:], strict=True):
+        t0, seg = events[a][1], events[a : b + 1]
+
+        def at(kind: str, pick, seg=seg, t0=t0) -> float:
+            return 1000 * (pick([e[1] for e in seg if e[0] == kind]) - t0)
+
+        start = at("device_start", min)
+        rows.append({
+            "last response sent": at("sent", max), "first request's headers in": at("headers", min),
+            "last request's headers in": at("headers", max), "last job queued": at("queued", max),
+            "next batch starts (the gap)": start, "the batch itself": 1000 * events[b][1] - 1000 * events[a][1] - start,
+        })  # fmt: skip
+    return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+
+
+def _wait_ready(url: str, proc: subprocess.Popen) -> None:
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:  # not listening yet: poll again
+            pass
+        time.sleep(0.2)
+    raise RuntimeError("the server did not become ready")
+
+
+def main() -> int:
+    if len(sys.argv) > 2 and sys.argv[1] == "--child":
+        _child(sys.argv[2], sys.argv[3:])
+        return 0
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="zoo")
+    p.add_argument("--model", help="the model the requests name (default: none, the server's choice for 1 step)")
+    p.add_argument("--rounds", type=int, default=24, help="timed batches of 32 (after 8 to warm up)")
+    args = p.parse_args()
+    events_file = Path(tempfile.mkdtemp()) / "events.json"
+    port = serve.free_port()
+    flags = ["--models", args.models, "--port", str(port), "--log-level", "warning", "--max-batch", "32",
+             "--max-wait-ms", "5", "--queue-size", "512", "--drain-grace-s", "0"]  # fmt: skip
+    proc = subprocess.Popen([sys.executable, __file__, "--child", str(events_file), *flags])
+    try:
+        _wait_ready(f"http://127.0.0.1:{port}", proc)
+        one_step = {"prompt": "a red 7 on black", "steps": 1, **({"model": args.model} if args.model else {})}
+        images_per_s = serve.throughput(f"http://127.0.0.1:{port}", one_step, 32, 32 * (8 + args.rounds))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    medians = gaps(json.loads(events_file.read_text()), args.rounds)
+    print(f"32 closed-loop clients, batches of 32, 1 step: {images_per_s:.1f} images/s\n")
+    print("| event (median over the timed batches) | ms after the device's end of a batch |\n|---|---:|")
+    for k, v in medians.items():
+        print(f"| {k} | {v:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
