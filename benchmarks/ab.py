@@ -8,8 +8,10 @@ A setting is FEWSTEP_* environment variables for `fewstep serve` (docs/api.md li
     python benchmarks/ab.py --mode overload FEWSTEP_THREADS=1 default
 
 - throughput: 32 closed-loop clients, 1-step requests: images/s (as benchmarks/serve.py's 32-client row);
-- overload: capacity (32 closed-loop clients for 8 s), then open-loop arrivals at 4x it for 12 s: goodput
-  (200s per second) and its share of that capacity (as benchmarks/reliability.py's overload section).
+- overload: capacity (32 closed-loop clients for 8 s), then open-loop arrivals at --factor (default 4) times it
+  for 12 s: goodput (200s per second) and its share of the capacities measured just before and after (as
+  benchmarks/reliability.py's overload section). A factor under 1 shows what open-loop arrivals alone cost,
+  without refusals.
 """
 
 from __future__ import annotations
@@ -51,16 +53,20 @@ def throughput(models: str, setting: str) -> str:
         return f"{serve.throughput(on.url, ONE_STEP, 32, 1024):.1f} images/s"
 
 
-def overload(ctx: reliability.Context, setting: str) -> str:
+def overload(ctx: reliability.Context, setting: str, factor: float = 4.0) -> str:
     with environment(setting):
         server = ctx.server("ab").start()
     try:
         asyncio.run(reliability.closed_loop(server.port, ctx.auth, 32, 1.0))
-        capacity, _ = asyncio.run(reliability.closed_loop(server.port, ctx.auth, 32, 8.0))
-        res = asyncio.run(reliability.open_loop(server.port, ctx.auth, 4 * capacity, 12.0, 512, 30.0))
-        goodput = res.statuses[200] / res.elapsed
+        before, _ = asyncio.run(reliability.closed_loop(server.port, ctx.auth, 32, 8.0))
+        res = asyncio.run(reliability.open_loop(server.port, ctx.auth, factor * before, 12.0, 512, 30.0))
+        after, _ = asyncio.run(reliability.closed_loop(server.port, ctx.auth, 32, 8.0))
+        goodput, capacity = res.statuses[200] / res.elapsed, (before + after) / 2
         other = {k: v for k, v in res.statuses.items() if k not in (200, 429)}
-        return f"capacity {capacity:.1f}, 4x goodput {goodput:.1f} ({100 * goodput / capacity:.0f}%), other {other}"
+        return (
+            f"capacity {before:.1f} / {after:.1f}, {factor:g}x goodput {goodput:.1f} "
+            f"({100 * goodput / capacity:.0f}%), 429s {res.statuses[429]}, other {other}"
+        )
     finally:
         server.stop()
 
@@ -70,13 +76,17 @@ def main() -> int:
     p.add_argument("settings", nargs="+", help="FEWSTEP_NAME=VALUE[+FEWSTEP_OTHER=VALUE] or default")
     p.add_argument("--mode", choices=("throughput", "overload"), default="throughput")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--factor", type=float, default=4.0, help="overload: arrivals at this many times the capacity")
     p.add_argument("--models", default="zoo")
     args = p.parse_args()
     ctx = reliability.Context(mode=reliability.FULL, models=Path(args.models), work=Path(tempfile.mkdtemp()))
     print("| round | setting | result |\n|---:|---|---|")
     for r in range(1, args.rounds + 1):
         for setting in args.settings:
-            result = throughput(args.models, setting) if args.mode == "throughput" else overload(ctx, setting)
+            if args.mode == "throughput":
+                result = throughput(args.models, setting)
+            else:
+                result = overload(ctx, setting, args.factor)
             print(f"| {r} | {setting} | {result} |", flush=True)
     return 0
 
