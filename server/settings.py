@@ -36,7 +36,9 @@ class ServeSettings(BaseSettings):
         "steps, else the teacher)",
     )
     max_batch: int = Field(default=8, ge=1, le=256, description="images per batch")
-    max_wait_ms: float = Field(default=5.0, ge=0, description="how long the batcher waits to fill a batch")
+    max_wait_ms: float = Field(
+        default=5.0, ge=0, description="the longest a request waits, from its arrival, for its batch to fill"
+    )
     queue_size: int = Field(default=64, ge=1, description="requests waiting; more are answered 429")
     max_queued_work_s: float = Field(
         default=10.0,
