@@ -542,14 +542,18 @@ class Engine:
         self._owe_step = bool(self.running)
 
     async def _fill_wait(self) -> None:
-        """The device is idle. Wait for the batch to fill only when requests are arriving in a burst (the last two
-        came within max_wait_ms of each other; a lone request runs at once), and only until the oldest queued
-        request has waited max_wait_ms (a request's longest delay for batching, as Triton's max_queue_delay). So
-        requests that queued while a batch ran start as soon as it ends: waiting for more then only idled the
-        device, about 5 ms a batch under open-loop arrivals (docs/reliability.md)."""
+        """The device is idle. Wait up to max_wait_ms for the batch to fill only when requests are arriving in a
+        burst (the last two came within max_wait_ms of each other): a lone request runs at once.
+
+        A backlog of at least half a batch counts its wait from its oldest request's arrival (as Triton's
+        max_queue_delay), so requests that queued while a batch ran start as soon as it ends: waiting for more
+        then only idled the device, up to max_wait_ms a batch under open-loop arrivals (docs/reliability.md).
+        Fewer requests wait from now: a straggler that missed the last batch waits for the burst behind it
+        instead of running alone, which split 32 lockstep clients into batches of 31 and 1 for good."""
         wait_s = self.settings.max_wait_ms / 1000 if self._bursty() else 0.0
-        deadline = min(j.enqueued for j in self.queue) + wait_s
         head_key = min(self.queue, key=lambda j: j.priority).key  # nothing runs: every queued job is takeable
+        backlog = 2 * self._queued_images(head_key) >= self.settings.max_batch
+        deadline = (min(j.enqueued for j in self.queue) if backlog else time.perf_counter()) + wait_s
         while self._queued_images(head_key) < self.settings.max_batch:
             left = deadline - time.perf_counter()
             if left <= 0:

@@ -37,7 +37,10 @@ class ServeSettings(BaseSettings):
     )
     max_batch: int = Field(default=8, ge=1, le=256, description="images per batch")
     max_wait_ms: float = Field(
-        default=5.0, ge=0, description="the longest a request waits, from its arrival, for its batch to fill"
+        default=5.0,
+        ge=0,
+        description="how long an idle device waits for a batch to fill (a backlog of half a batch or more: counted "
+        "from its oldest arrival)",
     )
     queue_size: int = Field(default=64, ge=1, description="requests waiting; more are answered 429")
     max_queued_work_s: float = Field(
