@@ -131,8 +131,10 @@ class _Exchange(asyncio.Protocol):
         transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.transport = transport
 
-    def send(self) -> None:
-        self.sent_at = time.perf_counter()
+    def send(self, arrival: float) -> None:
+        """``arrival``: when the request was due; its latency and its patience count from then (a connect
+        included, as before the request could be written)."""
+        self.sent_at = arrival
         self.transport.write(self.owner.request_bytes)
 
     def data_received(self, data: bytes) -> None:
@@ -195,28 +197,32 @@ class OpenLoop:
         if ex in self.idle:
             self.idle.remove(ex)
 
-    async def _open_and_send(self) -> None:
+    async def _open_and_send(self, arrival: float, patience: float) -> None:
         loop = asyncio.get_running_loop()
         try:
-            _, ex = await loop.create_connection(lambda: _Exchange(self), HOST, self.port)
-        except OSError as e:
-            self.on_failure(type(e).__name__)
+            connect = loop.create_connection(lambda: _Exchange(self), HOST, self.port)
+            _, ex = await asyncio.wait_for(connect, max(0.0, arrival + patience - time.perf_counter()))
+        except (OSError, asyncio.TimeoutError) as e:
+            self.on_failure("TimeoutError" if isinstance(e, asyncio.TimeoutError) else type(e).__name__)
             return
+        except asyncio.CancelledError:  # still connecting when the run ended
+            self.on_failure("TimeoutError")
+            raise
         finally:
             self.connecting -= 1
         self.busy.add(ex)
-        ex.send()
+        ex.send(arrival)
 
-    def _dispatch(self, tasks: set[asyncio.Task]) -> None:
+    def _dispatch(self, arrival: float, patience: float, tasks: set[asyncio.Task]) -> None:
         while self.idle and time.perf_counter() - self.idle[-1].idle_since > RawPool.MAX_IDLE_S:
             self.idle.pop().transport.close()  # the server may be closing it (keep-alive): a reset if reused
         if self.idle:
             ex = self.idle.pop()
             self.busy.add(ex)
-            ex.send()
+            ex.send(arrival)
         else:
             self.connecting += 1
-            task = asyncio.get_running_loop().create_task(self._open_and_send())
+            task = asyncio.get_running_loop().create_task(self._open_and_send(arrival, patience))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
 
@@ -236,11 +242,12 @@ class OpenLoop:
         while offered < total:
             due = min(total, int((time.perf_counter() - start) * rate) + 1)
             for _ in range(due - offered):
+                arrival = start + offered / rate
                 offered += 1
                 if len(self.busy) + self.connecting >= cap:
                     not_sent += 1
                 else:
-                    self._dispatch(tasks)
+                    self._dispatch(arrival, patience, tasks)
             self._expire(patience)
             await asyncio.sleep(self.TICK_S)
         deadline = time.perf_counter() + patience + 1
@@ -248,6 +255,8 @@ class OpenLoop:
             self._expire(patience)
             await asyncio.sleep(0.01)
         elapsed = time.perf_counter() - start
+        for task in tasks:  # connects still pending (bounded by their patience): given up, and counted
+            task.cancel()
         for ex in [*self.idle, *self.busy]:
             ex.transport.close()
         return offered, not_sent, elapsed

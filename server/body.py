@@ -18,6 +18,8 @@ from typing import Any
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from fewstep.server.errors import APIError, quote, validation_error
 
@@ -101,24 +103,42 @@ class JSONRoute(APIRoute):
             if direct is None:
                 return await handler(request)
             model, body_name, request_name = direct
-            raw = await request.body()
+            try:
+                raw = await request.body()
+            except ClientDisconnect:  # a client event (under fewstep serve, lifecycle.Deadlines answers for it)
+                raise APIError(499, "client disconnected", code="client_disconnected") from None
+            except StarletteHTTPException:  # BodyLimit's 413
+                raise
+            except Exception as e:  # as FastAPI answers an error while reading a body
+                raise StarletteHTTPException(400, "There was an error parsing the body") from e
             if not raw:
                 raise validation_error([{"type": "missing", "loc": ("body",), "msg": "Field required"}])
-            try:
-                body = model.model_validate(loads(raw))
+            try:  # FastAPI parses JSON only for application/json or application/*+json; others stay bytes
+                body = model.model_validate(loads(raw) if _is_json(request.headers["content-type"]) else raw)
             except ValidationError as e:
                 raise validation_error(e.errors(include_url=False)) from None
-            return await self.endpoint(**{body_name: body, request_name: request})
+            response = await self.endpoint(**{body_name: body, request_name: request})
+            if not isinstance(response, Response):  # response_model serialisation is FastAPI's: not done here
+                raise TypeError(f"{self.endpoint.__name__} is called directly and must return a Response")
+            return response
 
         return route_handler
 
 
 def _direct_call(route: APIRoute) -> tuple[type[BaseModel], str, str] | None:
-    """(body model, its parameter's name, the Request parameter's name) when the endpoint takes exactly those."""
+    """(body model, its parameter's name, the Request parameter's name) when the endpoint takes exactly those,
+    plainly annotated and without defaults (no Body(embed=...), Annotated or optional body); else None."""
     params = inspect.signature(route.endpoint).parameters
-    hints = typing.get_type_hints(route.endpoint)
+    hints = typing.get_type_hints(route.endpoint, include_extras=True)
     models = [n for n in params if isinstance(hints.get(n), type) and issubclass(hints[n], BaseModel)]
     requests = [n for n in params if hints.get(n) is Request]
-    if len(params) != 2 or len(models) != 1 or len(requests) != 1 or route.dependencies:
+    plain = all(p.default is inspect.Parameter.empty for p in params.values())
+    if len(params) != 2 or len(models) != 1 or len(requests) != 1 or not plain or route.dependencies:
         return None
     return hints[models[0]], models[0], requests[0]
+
+
+def _is_json(content_type: str) -> bool:
+    """FastAPI's rule for a JSON body: application/json or application/*+json, parameters ignored."""
+    kind, _, subtype = content_type.split(";")[0].strip().lower().partition("/")
+    return kind == "application" and (subtype == "json" or subtype.endswith("+json"))

@@ -189,7 +189,7 @@ def _encoded(job: Job, result: Result) -> Result:
     reads the next while the device waits. Encoding here, where the loop does not wait for a thread hop, takes
     that work out of the gap (docs/performance.md). Larger images are encoded by the HTTP layer, off both."""
     pixels = sum(im.width * im.height for im in result.images)
-    if job.encoding is None or result.regenerate or pixels > SMALL_IMAGES_PIXELS:
+    if job.encoding is None or job.cancelled or result.regenerate or pixels > SMALL_IMAGES_PIXELS:
         return result
     t0 = time.perf_counter()
     try:
@@ -553,7 +553,8 @@ class Engine:
         wait_s = self.settings.max_wait_ms / 1000 if self._bursty() else 0.0
         head_key = min(self.queue, key=lambda j: j.priority).key  # nothing runs: every queued job is takeable
         backlog = 2 * self._queued_images(head_key) >= self.settings.max_batch
-        deadline = (min(j.enqueued for j in self.queue) if backlog else time.perf_counter()) + wait_s
+        oldest = min(j.enqueued for j in self.queue if j.key == head_key) if backlog else time.perf_counter()
+        deadline = oldest + wait_s
         while self._queued_images(head_key) < self.settings.max_batch:
             left = deadline - time.perf_counter()
             if left <= 0:

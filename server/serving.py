@@ -320,6 +320,8 @@ class ImageService:
             # every way out (result, timeout, disconnect, cancellation): out of the queue if still there; a running
             # batch drops it at its next step
             timer.cancel()
+            if hooks is not None:
+                hooks.clear()  # the callback holds the result: not kept until the connection's next request
             self.engine.cancel(job)
             if result.done() and not result.cancelled():
                 result.exception()  # settled in the turn this handler was cancelled: read, so asyncio logs nothing

@@ -256,3 +256,58 @@ def test_the_generation_routes_are_called_directly_and_the_others_through_fastap
     assert direct["/v1/generate"] == (GenerateRequest, "body", "request")
     assert direct["/v1/images/generations"] == (ImagesRequest, "body", "request")
     assert all(v is None for k, v in direct.items() if not k.startswith("/v1/generate") and "images" not in k)
+
+
+async def test_a_json_body_under_another_media_type_is_not_parsed_as_fastapi_would_not(api):
+    """FastAPI parses JSON only for application/json and application/*+json; text/json stays bytes: a 400."""
+    body = json.dumps(OK)
+    r = await api.post("/v1/generate", content=body, headers={"content-type": "text/json"})
+    assert r.status_code == 400 and r.json()["error"]["message"] == "request body must be a JSON object"
+    r = await api.post("/v1/generate", content=body, headers={"content-type": "application/vnd.api+json"})
+    assert r.status_code == 200
+
+
+def test_only_a_plain_body_and_request_are_called_directly():
+    from fastapi import Body, Request
+    from fastapi.routing import APIRoute
+
+    from fewstep.server.body import _direct_call
+    from fewstep.server.protocol import GenerateRequest
+
+    async def embedded(request: Request, body: GenerateRequest = Body(embed=True)):  # noqa: B008
+        return None
+
+    async def with_query(body: GenerateRequest, request: Request, verbose: bool):
+        return None
+
+    async def plain(request: Request, body: GenerateRequest):
+        return None
+
+    assert _direct_call(APIRoute("/e", embedded, methods=["POST"])) is None
+    assert _direct_call(APIRoute("/q", with_query, methods=["POST"])) is None
+    assert _direct_call(APIRoute("/p", plain, methods=["POST"])) == (GenerateRequest, "body", "request")
+
+
+@pytest.mark.slow
+def test_a_client_leaving_mid_body_under_plain_uvicorn_is_a_client_event(models_dir):
+    """Without fewstep serve's deadlines (another ASGI server) the direct body read meets Starlette's
+    ClientDisconnect: counted as a client disconnect, never an internal error."""
+    import socket
+    import time
+
+    with LiveServer(make_settings(models_dir, warmup=False)) as server:
+        metrics = server.app.state.metrics.registry
+
+        def errors(kind: str) -> float:
+            return metrics.get_sample_value("fewstep_errors_total", {"type": kind}) or 0.0
+
+        before = errors("client_disconnected"), errors("internal")
+        with socket.create_connection(("127.0.0.1", server.port)) as s:
+            head = b"POST /v1/generate HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+            head += b"Content-Length: 200\r\n\r\n"
+            s.sendall(head + b'{"prompt": "a')
+            time.sleep(0.3)
+        deadline = time.monotonic() + 10
+        while errors("client_disconnected") == before[0] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert errors("client_disconnected") == before[0] + 1 and errors("internal") == before[1]

@@ -66,3 +66,15 @@ async def test_unanswered_requests_time_out_and_the_cap_holds():
     assert len(per_connection) == 5 and not_sent == 15  # at most 5 in flight: the rest were not sent
     assert failures == ["TimeoutError"] * 5  # each given up once, after its patience
     assert elapsed < 2
+
+
+async def test_a_refused_connection_is_counted_as_a_failure():
+    from tests.serving import free_port
+
+    gen = OpenLoop(free_port(), {"prompt": "a red 7 on black", "steps": 1})  # nobody listens there
+    answers, failures = [], []
+    gen.on_answer = lambda *a: answers.append(a)
+    gen.on_failure = failures.append
+    offered, not_sent, _ = await gen.run(100, 0.05, 64, 2)
+    assert offered == 5 and not_sent == 0 and answers == []
+    assert failures == ["ConnectionRefusedError"] * 5
