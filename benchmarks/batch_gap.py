@@ -6,7 +6,7 @@ times it from inside the server: it starts `fewstep serve` in a child process wi
 engine and uvicorn (batch start and end, each response sent, each request's headers in, each job queued), runs
 the clients, and prints the medians over the last batches, in milliseconds after the device's end of a batch.
 
-    python benchmarks/batch_gap.py [--models zoo] [--model NAME] [--rounds 24]
+    python benchmarks/batch_gap.py [--models zoo] [--model NAME] [--rounds 24] [--max-wait-ms 5]
 
 Diagnostic only: the hooks add a little to every event they time.
 """
@@ -80,21 +80,31 @@ def _child(events_file: str, argv: list[str]) -> None:
 
 
 def gaps(events: list, last: int) -> dict[str, float]:
-    """Medians over the last ``last`` full batches (32 images) followed by another: ms after the device's end."""
-    ends = [i for i, e in enumerate(events) if e[0] == "device_end" and e[2] == 32]
+    """Medians over the last ``last`` full batches (32 images) that directly follow another one: ms after the
+    first one's end, counting only the events before the second one starts (the gap's own)."""
+    batches = [i for i, e in enumerate(events) if e[0] in ("device_start", "device_end")]
     rows = []
-    for a, b in zip(ends[-last - 1 : -1], ends[-last:], strict=True):
-        t0, seg = events[a][1], events[a : b + 1]
+    for a, s, b in zip(batches, batches[1:], batches[2:], strict=False):
+        kinds = (events[a][0], events[s][0], events[b][0])
+        if kinds != ("device_end", "device_start", "device_end") or events[a][2] != 32 or events[s][2] != 32:
+            continue
+        t0, gap = events[a][1], events[a : s + 1]
 
-        def at(kind: str, pick, seg=seg, t0=t0) -> float:
-            return 1000 * (pick([e[1] for e in seg if e[0] == kind]) - t0)
+        def at(kind: str, pick, gap=gap, t0=t0) -> float | None:
+            times = [e[1] for e in gap if e[0] == kind]
+            return 1000 * (pick(times) - t0) if times else None
 
-        start = at("device_start", min)
-        rows.append({
+        row = {
             "last response sent": at("sent", max), "first request's headers in": at("headers", min),
             "last request's headers in": at("headers", max), "last job queued": at("queued", max),
-            "next batch starts (the gap)": start, "the batch itself": 1000 * events[b][1] - 1000 * events[a][1] - start,
-        })  # fmt: skip
+            "next batch starts (the gap)": at("device_start", min),
+            "the batch itself": 1000 * (events[b][1] - events[s][1]),
+        }  # fmt: skip
+        if None not in row.values():
+            rows.append(row)
+    rows = rows[-last:]
+    if not rows:
+        raise SystemExit("no batch of 32 followed another with requests between them: the clients were not in lockstep")
     return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
 
 
@@ -118,11 +128,12 @@ def main() -> int:
     p.add_argument("--models", default="zoo")
     p.add_argument("--model", help="the model the requests name (default: none, the server's choice for 1 step)")
     p.add_argument("--rounds", type=int, default=24, help="timed batches of 32 (after 8 to warm up)")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="the server's max_wait_ms (default 5, as serve.py)")
     args = p.parse_args()
     events_file = Path(tempfile.mkdtemp()) / "events.json"
     port = serve.free_port()
     flags = ["--models", args.models, "--port", str(port), "--log-level", "warning", "--max-batch", "32",
-             "--max-wait-ms", "5", "--queue-size", "512", "--drain-grace-s", "0"]  # fmt: skip
+             "--max-wait-ms", str(args.max_wait_ms), "--queue-size", "512", "--drain-grace-s", "0"]  # fmt: skip
     proc = subprocess.Popen([sys.executable, __file__, "--child", str(events_file), *flags])
     try:
         _wait_ready(f"http://127.0.0.1:{port}", proc)

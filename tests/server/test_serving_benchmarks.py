@@ -36,8 +36,9 @@ def test_png_benchmark_times_every_level(models_dir):
 def test_batch_gap_benchmark_times_the_gap_between_batches(models_dir):
     """benchmarks/batch_gap.py: hooks inside a real `fewstep serve` child, 32 lockstep clients, one row per event
     (each after the device's end of a batch, the next batch's start after the last job is queued)."""
+    # a fill wait long enough that the tiny model's batches are all 32, as the zoo's are at 5 ms
     cmd = [sys.executable, "benchmarks/batch_gap.py", "--models", str(models_dir), "--model", "tiny-student",
-           "--rounds", "2"]  # fmt: skip
+           "--rounds", "4", "--max-wait-ms", "100"]  # fmt: skip
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     rows = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in run.stdout.splitlines()
