@@ -22,7 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import serve  # benchmarks/serve.py, beside this script
 
 
@@ -108,18 +107,6 @@ def gaps(events: list, last: int) -> dict[str, float]:
     return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
 
 
-def _wait_ready(url: str, proc: subprocess.Popen) -> None:
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:  # not listening yet: poll again
-            pass
-        time.sleep(0.2)
-    raise RuntimeError("the server did not become ready")
-
-
 def main() -> int:
     if len(sys.argv) > 2 and sys.argv[1] == "--child":
         _child(sys.argv[2], sys.argv[3:])
@@ -136,7 +123,7 @@ def main() -> int:
              "--max-wait-ms", str(args.max_wait_ms), "--queue-size", "512", "--drain-grace-s", "0"]  # fmt: skip
     proc = subprocess.Popen([sys.executable, __file__, "--child", str(events_file), *flags])
     try:
-        _wait_ready(f"http://127.0.0.1:{port}", proc)
+        serve.wait_ready(f"http://127.0.0.1:{port}", proc)
         one_step = {"prompt": "a red 7 on black", "steps": 1, **({"model": args.model} if args.model else {})}
         images_per_s = serve.throughput(f"http://127.0.0.1:{port}", one_step, 32, 32 * (8 + args.rounds))
     finally:

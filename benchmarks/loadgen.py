@@ -156,8 +156,8 @@ class _Exchange(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.sent_at is not None:  # closed with a request out
-            sent, self.sent_at = self.sent_at, None
-            self.owner.failed(self, type(exc).__name__ if exc else "IncompleteReadError", sent)
+            self.sent_at = None
+            self.owner.failed(self, type(exc).__name__ if exc else "IncompleteReadError")
         self.owner.forget(self)
 
 
@@ -187,7 +187,7 @@ class OpenLoop:
             self.idle.append(ex)
         self.on_answer(status, fields, now - sent)
 
-    def failed(self, ex: _Exchange, error: str, sent: float) -> None:
+    def failed(self, ex: _Exchange, error: str) -> None:
         self.busy.discard(ex)
         self.on_failure(error)
 

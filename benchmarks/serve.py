@@ -56,21 +56,27 @@ class Server:
         self.proc = subprocess.Popen(cmd)
 
     def __enter__(self) -> Server:
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:  # not listening yet: poll again
-                pass
-            time.sleep(0.2)
-        raise RuntimeError("server did not become ready")
+        wait_ready(self.url, self.proc)
+        return self
 
     def __exit__(self, *exc) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=60)
+
+
+def wait_ready(url: str, proc: subprocess.Popen) -> None:
+    """Until the server process ``proc`` at ``url`` says /readyz 200 (at most 5 minutes)."""
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:  # not listening yet: poll again
+            pass
+        time.sleep(0.2)
+    raise RuntimeError("server did not become ready")
 
 
 # Send small requests at once: without TCP_NODELAY, Nagle + delayed ACK add ~40 ms per request on loopback.

@@ -49,9 +49,8 @@ def small_png(rgb: np.ndarray, level: int = 6) -> bytes:
     h, w, _ = rgb.shape
     rows = np.zeros((h, 1 + 3 * w), np.uint8)  # (H, 1 + 3W): the filter byte, then the row's RGB bytes
     rows[:, 1:] = rgb.reshape(h, 3 * w)
-    header = struct.pack(
-        ">IIBBBBB", w, h, 8, 2, 0, 0, 0
-    )  # 8 bits, colour type 2 (RGB), deflate, filter method 0, no interlace
+    # IHDR: width, height, 8 bits, colour type 2 (RGB), deflate, filter method 0, no interlace
+    header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
     return b"".join(
         (
             _PNG_SIGNATURE,

@@ -181,6 +181,11 @@ class _ToTeacher:
     """A student's running batch failed (an error, or non-finite images): the job goes to the teacher."""
 
 
+def small(images: list[Image.Image]) -> bool:
+    """Whether a job's images are small enough to encode where they are, without a thread hop."""
+    return sum(im.width * im.height for im in images) <= SMALL_IMAGES_PIXELS
+
+
 def _encoded(job: Job, result: Result) -> Result:
     """``result`` with its images in the job's encoding when they are small and final (none for the teacher to
     redo), on the device thread as its batch ends.
@@ -188,8 +193,7 @@ def _encoded(job: Job, result: Result) -> Result:
     In a burst of small requests the event loop is the bottleneck between two batches: it answers one batch and
     reads the next while the device waits. Encoding here, where the loop does not wait for a thread hop, takes
     that work out of the gap (docs/performance.md). Larger images are encoded by the HTTP layer, off both."""
-    pixels = sum(im.width * im.height for im in result.images)
-    if job.encoding is None or job.cancelled or result.regenerate or pixels > SMALL_IMAGES_PIXELS:
+    if job.encoding is None or job.cancelled or result.regenerate or not small(result.images):
         return result
     t0 = time.perf_counter()
     try:

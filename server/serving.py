@@ -16,7 +16,6 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from fewstep.server.engine import (
-    SMALL_IMAGES_PIXELS,
     BatchFailed,
     Encoding,
     Engine,
@@ -25,6 +24,7 @@ from fewstep.server.engine import (
     Plan,
     QueueFull,
     Result,
+    small,
 )
 from fewstep.server.errors import APIError, quote
 from fewstep.server.metrics import Metrics
@@ -199,7 +199,7 @@ class ImageService:
             if result.encoded is not None:  # small images: encoded on the device thread (engine._encoded)
                 encoded, encode_ms = result.encoded, result.encode_ms
             else:
-                if sum(im.width * im.height for im in result.images) <= SMALL_IMAGES_PIXELS:
+                if small(result.images):
                     encoded = [encoding(im) for im in result.images]  # µs: a thread hop costs more
                 else:  # large images encode off the event loop
                     encoded = await asyncio.to_thread(lambda: [encoding(im) for im in result.images])
@@ -358,11 +358,11 @@ DISCONNECT = "fewstep.disconnect"
 
 
 class _ClientGone(Exception):
-    pass
+    """Set on a job's future when its client's connection is lost: the wait ends with a 499."""
 
 
 class _TimedOut(Exception):
-    pass
+    """Set on a job's future at request_timeout_s: the wait ends with a 504."""
 
 
 def _end(result: asyncio.Future, why: Exception) -> None:
