@@ -796,29 +796,32 @@ def overload(ctx: Context, sec: Section) -> None:
         "answer, as a share of the mean of the capacities measured just before and just after its window (a "
         "shared VM's speed drifts by tens of percent within a minute; bracketing the window takes the drift out "
         "of the ratio). CPU = seconds used by the server process / by the load generator (a small asyncio HTTP "
-        "client, so that the generator leaves the cores to the server). Expected: goodput ≥ 85% of capacity; only "
-        "200 and 429 (each 429 with Retry-After).",
-        ["load", "offered", "goodput (img/s)", "% of capacity", "outcomes", "p50 / p99 ms of 200s", "CPU s"],
-    )
+        "client, so that the generator leaves the cores to the server). Batches = the window's mean model time and "
+        "images per batch, and how many ran at once on average (device time / wall time; about 2 in the CPU "
+        "throughput mode, docs/api.md \"Engine\"), from /metrics. Expected: goodput ≥ 85% of capacity; only 200 and "
+        "429 (each 429 with Retry-After).",
+        ["load", "offered", "goodput (img/s)", "% of capacity", "outcomes", "p50 / p99 ms of 200s", "CPU s",
+         "batches: ms × images, at once"],
+    )  # fmt: skip
     server = ctx.zoo(sec)
     asyncio.run(closed_loop(server.port, ctx.auth, 32, 1.0))  # warm up: connections, allocator, batch shapes
 
-    def measure_capacity() -> tuple[float, Counter, str]:
-        """-> (images/s, statuses, CPU): its row is added by the caller, after the window it closes."""
-        cpu = server.cpu_seconds(), time.process_time()
+    def measure_capacity() -> tuple[float, Counter, str, str]:
+        """-> (images/s, statuses, CPU, batches): its row is added by the caller, after the window it closes."""
+        cpu, batches, t0 = (server.cpu_seconds(), time.process_time()), batch_totals(ctx, server), time.perf_counter()
         capacity, statuses = asyncio.run(closed_loop(server.port, ctx.auth, 32, m.capacity_s))
-        return capacity, statuses, _cpu(server, cpu)
+        return capacity, statuses, _cpu(server, cpu), _batches(ctx, server, batches, time.perf_counter() - t0)
 
-    def capacity_row(label: str, capacity: float, statuses: Counter, cpu_text: str) -> None:
-        sec.row(label, "-", f"{capacity:.1f}", "-", _outcomes(statuses), "-", cpu_text,
+    def capacity_row(label: str, capacity: float, statuses: Counter, cpu_text: str, batches: str) -> None:
+        sec.row(label, "-", f"{capacity:.1f}", "-", _outcomes(statuses), "-", cpu_text, batches,
                 expected="200s only", ok=set(statuses) == {200})  # fmt: skip
 
     before, *measured = measure_capacity()
     capacity_row("capacity (32 clients)", before, *measured)
     for factor in (2, 4):
-        cpu = server.cpu_seconds(), time.process_time()
+        cpu, batches = (server.cpu_seconds(), time.process_time()), batch_totals(ctx, server)
         res = asyncio.run(open_loop(server.port, ctx.auth, factor * before, m.load_s, m.inflight_cap, m.patience_s))
-        cpu_text = _cpu(server, cpu)
+        cpu_text, batch_text = _cpu(server, cpu), _batches(ctx, server, batches, res.elapsed)
         after, *after_measured = measure_capacity()
         capacity = (before + after) / 2
         goodput = res.statuses[200] / res.elapsed
@@ -835,6 +838,7 @@ def overload(ctx: Context, sec: Section) -> None:
             outcomes,
             latency,
             cpu_text,
+            batch_text,
             expected="≥ 85%; only 200/429",
             ok=goodput >= 0.85 * capacity and other == 0 and res.retry_after == res.statuses[429],
         )
@@ -845,6 +849,23 @@ def overload(ctx: Context, sec: Section) -> None:
         "before h11 (server/rejection.py; `python benchmarks/refusal.py` times both paths). The generator and "
         "the server share the machine's cores: its CPU seconds are in the last column."
     )
+
+
+def batch_totals(ctx: Context, server: Server) -> tuple[float, float, float]:
+    """(model seconds, batches, images) of every batch so far, from the server's /metrics."""
+    text = httpx.get(f"{server.url}/metrics", headers=ctx.auth, timeout=30).text
+    totals = []
+    for name in ("fewstep_batch_inference_seconds_sum", "fewstep_batch_inference_seconds_count",
+                 "fewstep_batch_size_images_sum"):  # fmt: skip
+        totals.append(sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M)))
+    return totals[0], totals[1], totals[2]
+
+
+def _batches(ctx: Context, server: Server, since: tuple[float, float, float], seconds: float) -> str:
+    model_s, count, images = (now - then for now, then in zip(batch_totals(ctx, server), since, strict=True))
+    if not count:
+        return "none"
+    return f"{1000 * model_s / count:.0f} ms × {images / count:.1f}, {model_s / seconds:.2f}"
 
 
 def _cpu(server: Server, since: tuple[float, float]) -> str:

@@ -11,6 +11,7 @@ import logging
 from contextlib import asynccontextmanager
 from importlib.resources import files
 
+import torch
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -24,6 +25,7 @@ from fewstep.server.protocol import GenerateRequest, GenerateResponse, ImagesReq
 from fewstep.server.registry import Registry
 from fewstep.server.serving import ImageService
 from fewstep.server.settings import ServeSettings
+from fewstep.server.streams import Streams
 
 PLAYGROUND = files("fewstep.server").joinpath("static/playground.html").read_text(encoding="utf-8")
 log = logging.getLogger("fewstep.server")
@@ -86,19 +88,18 @@ def create_app(settings: ServeSettings, registry: Registry | None = None) -> Fas
     from fewstep.kernels.runtime import resolve, resolve_device
 
     if settings.threads:
-        import torch
-
         torch.set_num_threads(settings.threads)
     executor = device_executor()  # models load on the thread that will run them (see device_executor)
+    device = resolve_device(settings.device)
     if registry is None:
-        device = resolve_device(settings.device)
         resolve(settings.kernels, device)  # a forced "triton" that cannot run here fails now, naming why
         scan = executor.submit(Registry.scan, settings.models, device, settings.default_model, settings.kernels)
         registry = scan.result()
     steps = {s for m in registry.models.values() for s in m.supported_steps()}
     steps |= {m.card.sampling.default_steps for m in registry.models.values() if m.card and m.card.sampling}
     metrics = Metrics.create().bound(registry.models, steps)
-    engine = Engine(registry, settings, metrics, executor)
+    streams = Streams.resolve(settings.cpu_streams, device, settings.threads or torch.get_num_threads())
+    engine = Engine(registry, settings, metrics, executor, streams)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -23,8 +23,12 @@ running batch with nothing else queued takes up to MAX_STEPS_PER_SLICE steps per
 (an arrival or a cancellation ends the slice after its current step), so the teacher alone pays no per-step
 scheduling cost.
 
-Supervision: an error anywhere in a batch fails that batch's requests only; the batcher task is restarted if
-it ever ends, and /readyz says "unavailable" until it runs again.
+CPU throughput mode (server/streams.py): while the queue holds a full batch of whole-batch work for every stream,
+``streams`` batches run at once, each on its own device thread with its share of the cores, instead of one batch
+over all of them; helper batchers take those batches. Step-wise work stays on the main device thread.
+
+Supervision: an error anywhere in a batch fails that batch's requests only; the batcher tasks are restarted if
+they ever end, and /readyz says "unavailable" until the main one runs again.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from fewstep.server.metrics import Metrics
 from fewstep.server.registry import Registry, ServedModel
 from fewstep.server.routing import Decision, ModelView, RouteError, Snapshot, readiness, route
 from fewstep.server.settings import ServeSettings
+from fewstep.server.streams import Streams, next_mode, use_threads
 
 log = logging.getLogger("fewstep.server")
 DEFAULT_COST_S = 0.02  # seconds per image-step before a model's first measurement (a CPU student's order)
@@ -136,15 +141,16 @@ class Result:
     encode_ms: float = 0.0
 
 
-def device_executor() -> ThreadPoolExecutor:
-    """The one thread that runs every model call of a device: loading, warm-up and batches.
+def device_executor(name: str = "fewstep-device") -> ThreadPoolExecutor:
+    """The one thread that runs every model call of a device: loading, warm-up and batches (and, in CPU throughput
+    mode, one more per extra stream, each running whole batches on its share of the cores: server/streams.py).
 
     One thread, not just one at a time: on a CPU each thread that enters a parallel torch op gets its own
     OpenMP team, and a second team (say, the main thread's, from loading the models there) competes with
     the serving thread's for the same cores (docs/performance.md: HTTP/in-process 2.07× before, 1.00-1.65×
     after, by benchmarks/serve.py).
     """
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="fewstep-device")
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
 
 
 @dataclass(eq=False)
@@ -213,13 +219,28 @@ def _settle(job: Job, outcome: Result | BaseException) -> None:
 
 class Engine:
     def __init__(
-        self, registry: Registry, settings: ServeSettings, metrics: Metrics, executor: ThreadPoolExecutor | None = None
+        self,
+        registry: Registry,
+        settings: ServeSettings,
+        metrics: Metrics,
+        executor: ThreadPoolExecutor | None = None,
+        streams: Streams | None = None,
     ):
         self.registry, self.settings, self.metrics = registry, settings, metrics
         self.breaker = CircuitBreaker(settings.breaker_threshold, settings.breaker_cooldown_s)
         self.executor = executor or device_executor()
+        self.streams = streams or Streams(1, torch.get_num_threads())
+        # throughput mode's other device threads (the main one is self.executor), their batchers and their batches
+        self.helpers = [device_executor(f"fewstep-device-{k}") for k in range(1, self.streams.count)]
+        self._helper_tasks: list[asyncio.Task | None] = [None] * len(self.helpers)
+        self._helping: set[asyncio.Future] = set()
+        self._helper_wake: asyncio.Event | None = None
+        self.throughput = False  # throughput mode now (read by the device threads for their thread counts)
+        self._cost_lock = threading.Lock()  # cost_s is updated from every device thread
+        metrics.device_streams.set(1)
         self.queue: deque[Job] = deque()
         self.queued_work_s = 0.0
+        self._whole_images = 0  # queued images of jobs that run as whole batches (throughput mode's measure)
         self.cost_s: dict[str, float] = {}  # seconds per image-step, per model (warm-up, then every batch)
         self._wake: asyncio.Event | None = None
         self._arrived = threading.Event()  # set on the event loop by arrivals and cancellations, read by the device
@@ -246,8 +267,10 @@ class Engine:
     async def start(self) -> None:
         """Start the batcher; warm up in the background, so /healthz answers at once and /readyz says 503
         until every model has run once (requests that arrive meanwhile queue behind the warm-up)."""
-        self._wake = asyncio.Event()
+        self._wake, self._helper_wake = asyncio.Event(), asyncio.Event()
         self._start_batcher()
+        for k in range(len(self.helpers)):
+            self._start_helper(k)
         self._warm_task = asyncio.create_task(self._warm(), name="fewstep-warmup")
 
     def _start_batcher(self) -> None:
@@ -264,6 +287,20 @@ class Engine:
         self.batcher_restarts += 1
         self._start_batcher()
 
+    def _start_helper(self, k: int) -> None:
+        task = asyncio.create_task(self._helper(k), name=f"fewstep-batcher-{k + 1}")
+        task.add_done_callback(lambda t: self._helper_ended(k, t))
+        self._helper_tasks[k] = task
+
+    def _helper_ended(self, k: int, task: asyncio.Task) -> None:
+        if self._stopping:
+            return
+        exc = None if task.cancelled() else task.exception()
+        log.error("throughput batcher %d stopped (%r); restarting it", k + 1, exc)
+        self.metrics.error("batcher_restart")
+        self.batcher_restarts += 1
+        self._start_helper(k)
+
     async def _warm(self) -> None:
         if self.settings.warmup:
             await asyncio.get_running_loop().run_in_executor(self.executor, self.warmup)
@@ -275,7 +312,7 @@ class Engine:
         at the drain deadline). Never blocks the event loop."""
         deadline = time.perf_counter() + (self.settings.request_timeout_s if deadline_s is None else deadline_s)
         while (
-            self.queue or self.running or self._running is not None or self._regenerating
+            self.queue or self.running or self._running is not None or self._helping or self._regenerating
         ) and time.perf_counter() < deadline:
             await asyncio.sleep(0.01)
         self._stopping = True
@@ -284,12 +321,13 @@ class Engine:
                 job.future.set_exception(NotServable("the server is shutting down"))
         self.queue.clear()
         self.running.clear()
-        for task in (self._warm_task, self._task):
+        for task in (self._warm_task, self._task, *self._helper_tasks):
             if task is not None and not task.done():
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        for executor in (self.executor, *self.helpers):
+            executor.shutdown(wait=False, cancel_futures=True)
 
     def warmup(self) -> None:
         """Run every model once at each step count it serves (so the first request pays no start-up cost), and
@@ -310,10 +348,14 @@ class Engine:
                 if m.role == "student":
                     m.error = f"warm-up failed: {e}"
 
-    def _observe_cost(self, name: str, seconds: float, images: int, steps: int) -> None:
-        per = seconds / max(1, images * steps)
-        old = self.cost_s.get(name)
-        self.cost_s[name] = per if old is None else 0.8 * old + 0.2 * per
+    def _observe_cost(self, name: str, seconds: float, images: int, steps: int, threads: int | None = None) -> None:
+        """Seconds per image-step of the whole device: a batch that ran on ``threads`` of the streams' threads
+        (throughput mode) had only that share of the cores, so its time counts in that proportion."""
+        share = 1.0 if threads is None else min(1.0, threads / self.streams.threads)
+        per = seconds * share / max(1, images * steps)
+        with self._cost_lock:
+            old = self.cost_s.get(name)
+            self.cost_s[name] = per if old is None else 0.8 * old + 0.2 * per
 
     # ---- health and routing ------------------------------------------------------------------------------
     def snapshot(self) -> Snapshot:
@@ -478,21 +520,26 @@ class Engine:
         """An admitted job into the queue and its work budget; wakes the batcher and ends a multi-step slice."""
         self.queue.append(job)
         self.queued_work_s += job.cost_s
+        if not self._stepwise(job):
+            self._whole_images += len(job.seeds)
         self.metrics.queue_depth.set(len(self.queue))
         self._wake.set()
+        if self.helpers and (self.throughput or self._whole_images >= self.streams.count * self.settings.max_batch):
+            self._helper_wake.set()  # a throughput stream may start a batch (not woken by every light-load arrival)
         self._arrived.set()
 
     def _remove(self, jobs: list[Job]) -> None:
         gone = {id(j) for j in jobs}
         self.queue = deque(j for j in self.queue if id(j) not in gone)
         self.queued_work_s = max(0.0, sum(j.cost_s for j in self.queue))
+        self._whole_images = sum(len(j.seeds) for j in self.queue if not self._stepwise(j))
         self.metrics.queue_depth.set(len(self.queue))
 
-    def _take_batch(self) -> list[Job]:
+    def _take_batch(self, whole_only: bool = False) -> list[Job]:
         """The queued job with the earliest arrival + cost, and every queued job compatible with it, oldest first,
-        up to max_batch images."""
+        up to max_batch images (``whole_only``: among jobs that run as whole batches, for a throughput stream)."""
         self._drop_cancelled()
-        takeable = [j for j in self.queue if self._takeable(j)]
+        takeable = [j for j in self.queue if self._takeable(j) and not (whole_only and self._stepwise(j))]
         if not takeable:
             return []
         head = min(takeable, key=lambda j: j.priority)
@@ -529,8 +576,8 @@ class Engine:
             return
         if not self.queue:
             return
-        if not self.running:
-            await self._fill_wait()
+        if not self._update_mode() and not self.running:
+            await self._fill_wait()  # throughput mode: a full batch is queued for every stream, nothing to wait for
             if not self.queue:
                 return
         batch = self._take_batch()
@@ -569,6 +616,43 @@ class Engine:
             if not self.queue:
                 return
 
+    def _update_mode(self) -> bool:
+        """Throughput mode from the queue now (server/streams.py); helpers are woken when it starts."""
+        if not self.helpers:
+            return False
+        mode = next_mode(self.throughput, self._whole_images, self.settings.max_batch, self.streams.count)
+        if mode != self.throughput:
+            self.throughput = mode
+            self.metrics.device_streams.set(self.streams.count if mode else 1)
+            log.debug("throughput mode %s (%d images queued)", "on" if mode else "off", self._whole_images)
+            self._helper_wake.set()
+        return mode
+
+    async def _helper(self, k: int) -> None:
+        """A throughput stream's batcher: whole batches on its own device thread, only in throughput mode."""
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = self._take_batch(whole_only=True) if self._update_mode() else []
+            if not batch:
+                self._helper_wake.clear()
+                await self._helper_wake.wait()
+                continue
+            running = loop.run_in_executor(self.helpers[k], self._run_batch, batch, True)
+            self._helping.add(running)
+            try:
+                results = await running
+            except Exception as e:
+                results = self._batch_failed(batch, e)
+            finally:
+                self._helping.discard(running)
+            self._finish(batch, results)
+
+    def _batch_failed(self, batch: list[Job], e: Exception) -> list[Result | BaseException]:
+        """The batch failed outside the model calls: its requests fail, nothing else."""
+        log.error("batch of %d requests failed", len(batch), exc_info=e)
+        self.metrics.error("internal")
+        return [BatchFailed(f"the batch failed: {type(e).__name__}") for _ in batch]
+
     async def _whole(self, batch: list[Job]) -> None:
         loop = asyncio.get_running_loop()
         began = time.perf_counter()
@@ -577,12 +661,14 @@ class Engine:
         try:
             results = await self._running
             self._wholes.append((time.perf_counter(), time.perf_counter() - began))
-        except Exception as e:  # the batch failed outside the model calls: fail its requests, nothing else
-            log.exception("batch of %d requests failed", len(batch))
-            self.metrics.error("internal")
-            results = [BatchFailed(f"the batch failed: {type(e).__name__}") for _ in batch]
+        except Exception as e:
+            results = self._batch_failed(batch, e)
         finally:
             self._running = None
+        self._finish(batch, results)
+
+    def _finish(self, batch: list[Job], results: list[Result | BaseException]) -> None:
+        """A whole batch's outcomes to its requests; images the quality gate doubted go to the teacher first."""
         for job, outcome in zip(batch, results, strict=True):
             if isinstance(outcome, Result) and outcome.regenerate and not job.cancelled and not self._stopping:
                 task = asyncio.get_running_loop().create_task(self._regenerate(job, outcome))
@@ -729,6 +815,8 @@ class Engine:
         Returns (the jobs that are done, with their results; whether the batch failed). ``run.jobs`` is changed
         on the event loop only (``_step``), which reads it meanwhile. A model error fails every job of the batch
         (a teacher has no fallback); non-finite images fail their own job."""
+        threads = self._threads()
+        use_threads(threads)
         start = time.perf_counter()
         entry = run.entry
         student = entry.role == "student"
@@ -753,7 +841,7 @@ class Engine:
                 done = run.batch.pop_done()
                 now = time.perf_counter()
                 if rows:
-                    self._observe_cost(entry.name, now - step_start, rows, 1)
+                    self._observe_cost(entry.name, now - step_start, rows, 1, threads)
                 taken += 1
                 if done or not len(run.batch) or taken >= max_steps or self._arrived.is_set():
                     break
@@ -802,7 +890,13 @@ class Engine:
         return sum(len(j.seeds) for j in self.queue if j.key == key and not j.cancelled)
 
     # ---- running a batch (on the executor thread) -------------------------------------------------------
-    def _run_batch(self, batch: list[Job]) -> list[Result | BaseException]:
+    def _threads(self, helper: bool = False) -> int:
+        """torch threads for a batch starting now on the calling device thread."""
+        return self.streams.per_stream if helper or self.throughput else self.streams.threads
+
+    def _run_batch(self, batch: list[Job], helper: bool = False) -> list[Result | BaseException]:
+        threads = self._threads(helper)
+        use_threads(threads)
         start = time.perf_counter()
         entry = self.registry.models[batch[0].model]
         steps, guidance, size = batch[0].steps, batch[0].guidance, batch[0].size
@@ -840,7 +934,7 @@ class Engine:
             served_by, reasons = teacher.name, ["student_error"] * len(batch)
         elapsed = time.perf_counter() - start
         n_images = len(seeds)
-        self._observe_cost(served_by, elapsed, n_images, steps * self._pixel_scale(served_by, size))
+        self._observe_cost(served_by, elapsed, n_images, steps * self._pixel_scale(served_by, size), threads)
         self.metrics.batch_inference.labels(model=served_by, steps=self.metrics.steps_label(steps)).observe(elapsed)
         self.metrics.batch_size.observe(n_images)
         self.metrics.images.labels(model=served_by).inc(n_images)

@@ -33,6 +33,7 @@ class Metrics:
     batch_size: Histogram
     queue_depth: Gauge
     queued_work: Gauge
+    device_streams: Gauge
     in_flight: Gauge
     images: Counter
     fallbacks: Counter
@@ -60,6 +61,8 @@ class Metrics:
                                  buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r),
             queue_depth=Gauge("fewstep_queue_depth_requests", "Requests waiting for a batch", registry=r),
             queued_work=Gauge("fewstep_queued_work_seconds", "Estimated device seconds of queued work", registry=r),
+            device_streams=Gauge("fewstep_device_streams", "Batches the device runs at once: 1, or the CPU "
+                                 "throughput mode's streams while a backlog lasts", registry=r),
             in_flight=Gauge("fewstep_requests_in_flight", "Requests being handled", registry=r),
             images=Counter("fewstep_images_generated_total", "Images generated", ["model"], registry=r),
             fallbacks=Counter("fewstep_fallbacks_total", "Requests served by the teacher instead", ["reason"],

@@ -82,6 +82,13 @@ class ServeSettings(BaseSettings):
     breaker_cooldown_s: float = Field(default=30.0, ge=0, description="how long an open circuit stays open")
     warmup: bool = Field(default=True, description="run every model once before /readyz says ready")
     threads: int = Field(default=0, ge=0, description="torch CPU threads; 0 = torch's default")
+    cpu_streams: int = Field(
+        default=0,
+        ge=0,
+        le=64,
+        description="CPU throughput mode: while the queue holds a full batch for each, this many batches run at once, "
+        "each on its share of the threads; 0 = 2 on a CPU with at least 2 threads, 1 = off (GPUs: always 1)",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="log level")
     retry_after_s: int = Field(default=1, ge=1, description="Retry-After of 429 and 503 answers")
     header_timeout_s: float = Field(

@@ -1,0 +1,64 @@
+"""CPU throughput mode: under a backlog, one model batch per core group instead of one batch over every core.
+
+On a CPU the device thread runs each batch with an OpenMP team over all the cores (latency mode): one request's
+image comes back as fast as the machine allows. Under overload that team is the wrong shape. Every op of the
+batch ends at a barrier, so anything else that runs on one of the cores (the event loop answering requests,
+their kernel network work) stalls the whole team, not just one core: with two cores, a batch of 32 images took
+62 ms with nothing else running and 92-95 ms at 4x the batched capacity, although its threads got the same CPU
+time (benchmarks/interference.py measures the effect directly; docs/reliability.md, "Overload").
+
+In throughput mode the engine runs ``streams`` batches at once, each on its own device thread with
+``threads // streams`` OpenMP threads (one each on two cores), as OpenVINO's throughput streams or a
+multi-instance deployment do: a core taken by the event loop now delays one batch by the time it was taken,
+and a single-threaded batch pays no barrier at all. Latency goes up (a batch takes about twice as long) but
+under a backlog requests wait for the queue, not for their batch; throughput goes up.
+
+The engine enters the mode when the queue holds whole-batch work for every stream (``streams × max_batch``
+images of jobs that run as whole batches) and leaves it when less than one batch is left, so a light or steady
+load, and 32 lockstep clients at max_batch 32, keep latency mode. GPUs keep one stream: the device runs the
+batch, not the host's cores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Streams:
+    """How the device's work is spread over CPU threads. ``count`` 1: latency mode only."""
+
+    count: int  # batches at once in throughput mode
+    threads: int  # torch threads of the one batch in latency mode (all the cores torch uses)
+
+    @property
+    def per_stream(self) -> int:
+        """torch threads of each batch in throughput mode."""
+        return max(1, self.threads // self.count)
+
+    @classmethod
+    def resolve(cls, setting: int, device: torch.device, threads: int) -> Streams:
+        """``setting`` 0: automatic (2 on a CPU with at least 2 torch threads, else 1); n: n on a CPU, 1 on a GPU."""
+        if device.type != "cpu":
+            return cls(1, threads)
+        count = (2 if threads >= 2 else 1) if setting == 0 else setting
+        return cls(max(1, min(count, threads)), threads)
+
+
+def next_mode(throughput: bool, queued_images: int, max_batch: int, streams: int) -> bool:
+    """Throughput mode from now on? Entered when the queue holds a full batch for every stream, left when less than
+    one batch is queued (between the two, the current mode stays: no flapping at the threshold)."""
+    if streams < 2:
+        return False
+    if queued_images >= streams * max_batch:
+        return True
+    return throughput and queued_images >= max_batch
+
+
+def use_threads(n: int) -> None:
+    """The calling thread's torch threads (OpenMP's thread count is per thread: another device thread's is not
+    touched). Set only when it changes: setting it also clears oneDNN's cache of compiled primitives."""
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)

@@ -1,0 +1,134 @@
+"""CPU throughput mode (server/streams.py): when it turns on and off, how many threads each batch gets, and an engine
+that runs two batches at once on two device threads under a backlog and one batch over every thread otherwise."""
+
+import asyncio
+import base64
+import io
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fewstep.server.streams import Streams, next_mode, use_threads
+from tests.serving import make_settings, serve_app
+
+
+@pytest.mark.parametrize(
+    "throughput, queued, streams, expected",
+    [
+        (False, 63, 2, False),  # under a full batch per stream: latency mode
+        (False, 64, 2, True),  # a full batch (32) for each of 2 streams: throughput mode
+        (True, 40, 2, True),  # between the thresholds: the mode stays
+        (False, 40, 2, False),
+        (True, 32, 2, True),  # one full batch left: still worth a second stream
+        (True, 31, 2, False),  # less than one batch: back to latency mode
+        (False, 96, 3, True),
+        (False, 95, 3, False),
+        (False, 10_000, 1, False),  # one stream: never
+        (True, 10_000, 1, False),
+    ],
+)
+def test_the_mode_follows_the_queued_whole_batch_work(throughput, queued, streams, expected):
+    assert next_mode(throughput, queued, 32, streams) is expected
+
+
+@pytest.mark.parametrize(
+    "setting, device, threads, count, per_stream",
+    [
+        (0, "cpu", 2, 2, 1),  # automatic: two streams on two threads
+        (0, "cpu", 8, 2, 4),
+        (0, "cpu", 1, 1, 1),  # one thread: nothing to split
+        (1, "cpu", 8, 1, 8),  # off
+        (4, "cpu", 8, 4, 2),
+        (4, "cpu", 2, 2, 1),  # never more streams than threads
+        (0, "cuda", 16, 1, 16),  # a GPU runs the batch, not the host's cores
+        (4, "cuda", 16, 1, 16),
+    ],
+)
+def test_streams_resolve_from_the_setting_the_device_and_the_threads(setting, device, threads, count, per_stream):
+    streams = Streams.resolve(setting, torch.device(device), threads)
+    assert (streams.count, streams.threads, streams.per_stream) == (count, threads, per_stream)
+
+
+def test_use_threads_sets_only_the_calling_threads_count():
+    """What throughput mode relies on: OpenMP's thread count is per thread, so a helper stream's 1 does not
+    change the main device thread's count."""
+    mine = torch.get_num_threads()
+    seen = {}
+
+    def helper():
+        use_threads(1)
+        seen["helper"] = torch.get_num_threads()
+
+    t = threading.Thread(target=helper)
+    t.start()
+    t.join()
+    try:
+        assert seen["helper"] == 1
+        assert torch.get_num_threads() == mine
+    finally:
+        torch.set_num_threads(mine)  # new threads start from the last count set anywhere: restore it
+
+
+def _pixels(body: dict) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(body["images"][0]["b64"]))), dtype=np.int16)
+
+
+@pytest.mark.anyio
+async def test_a_backlog_runs_two_batches_at_once_and_light_load_one_over_every_thread(models_dir):
+    settings = make_settings(models_dir, warmup=False, max_batch=4, cpu_streams=2, threads=2, max_wait_ms=2)
+    async with serve_app(settings) as c:
+        engine = c.engine
+        assert engine.streams == Streams(2, 2) and len(engine.helpers) == 1
+        batches = []  # (device thread, its torch threads, start, end, images)
+        run_batch = engine._run_batch
+
+        def recorded(batch, helper=False):
+            start = time.perf_counter()
+            out = run_batch(batch, helper)
+            end = time.perf_counter()
+            batches.append((threading.current_thread().name, torch.get_num_threads(), start, end, len(batch)))
+            return out
+
+        engine._run_batch = recorded
+        payloads = [{"prompt": f"a red {i % 10} on black", "seed": i, "steps": 1} for i in range(24)]
+        responses = await asyncio.gather(*(c.post("/v1/generate", json=p) for p in payloads))
+        assert [r.status_code for r in responses] == [200] * 24
+
+        helper = [b for b in batches if b[0].startswith("fewstep-device-1")]
+        main = [b for b in batches if not b[0].startswith("fewstep-device-1")]
+        assert helper and main, batches  # 24 one-image jobs, batches of 4: a backlog of two batches and more
+        assert all(b[1] == 1 for b in helper)  # a throughput stream has its share of the threads
+        # a helper batch ran while a main-thread batch did, and the main thread had one thread then
+        overlapping = [(h, m) for h in helper for m in main if h[2] < m[3] and m[2] < h[3]]
+        assert overlapping and all(m[1] == 1 for _, m in overlapping)
+
+        for _ in range(100):  # the last batch's end turns the mode off
+            if not engine.throughput:
+                break
+            await asyncio.sleep(0.01)
+        assert not engine.throughput
+        assert "fewstep_device_streams 1.0" in (await c.get("/metrics")).text
+
+        batches.clear()
+        alone = await c.post("/v1/generate", json=payloads[5])
+        assert alone.status_code == 200 and alone.json()["batch_images"] == 1
+        assert len(batches) == 1 and not batches[0][0].startswith("fewstep-device-1")
+        assert batches[0][1] == 2  # light load: one batch over every thread again
+        # whichever stream and thread count made it, a seed's image is the same (within 1/255, as across batches)
+        assert np.abs(_pixels(alone.json()) - _pixels(responses[5].json())).max() <= 1
+
+
+@pytest.mark.anyio
+async def test_a_throughput_batch_counts_its_share_of_the_device_in_the_cost_per_image_step(models_dir):
+    settings = make_settings(models_dir, warmup=False, cpu_streams=2, threads=2)
+    async with serve_app(settings) as c:
+        engine = c.engine
+        engine.cost_s.pop("tiny-student", None)
+        engine._observe_cost("tiny-student", 0.8, 4, 2, threads=1)  # 0.8 s on half the cores for 8 image-steps
+        assert engine.cost_s["tiny-student"] == pytest.approx(0.05)
+        engine._observe_cost("tiny-student", 0.4, 4, 2, threads=2)  # all the cores: 0.05 s per image-step
+        assert engine.cost_s["tiny-student"] == pytest.approx(0.05)
