@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from pydantic import ValidationError
@@ -67,6 +67,9 @@ class TextToImage:
     autoencoder: Autoencoder | None
     card: Card | None = None
     kernel_mode: str = "torch"  # "auto" | "triton" | "torch" (kernels.runtime); re-resolved by to()
+    # generate() keeps no per-call state on the model, so two threads may run it at once (the server's CPU throughput
+    # mode, server/streams.py); a diffusers pipeline keeps its scheduler's state on itself and does not say so
+    reentrant: ClassVar[bool] = True
 
     @classmethod
     def build(cls, config: ModelConfig, tokenizer: Tokenizer, autoencoder: Autoencoder | None = None) -> TextToImage:

@@ -240,7 +240,7 @@ class Engine:
         metrics.device_streams.set(1)
         self.queue: deque[Job] = deque()
         self.queued_work_s = 0.0
-        self._whole_images = 0  # queued images of jobs that run as whole batches (throughput mode's measure)
+        self._whole_images = 0  # queued images a throughput stream could take (_streamable): the mode's measure
         self.cost_s: dict[str, float] = {}  # seconds per image-step, per model (warm-up, then every batch)
         self._wake: asyncio.Event | None = None
         self._arrived = threading.Event()  # set on the event loop by arrivals and cancellations, read by the device
@@ -520,7 +520,7 @@ class Engine:
         """An admitted job into the queue and its work budget; wakes the batcher and ends a multi-step slice."""
         self.queue.append(job)
         self.queued_work_s += job.cost_s
-        if not self._stepwise(job):
+        if self._streamable(job):
             self._whole_images += len(job.seeds)
         self.metrics.queue_depth.set(len(self.queue))
         self._wake.set()
@@ -532,14 +532,14 @@ class Engine:
         gone = {id(j) for j in jobs}
         self.queue = deque(j for j in self.queue if id(j) not in gone)
         self.queued_work_s = max(0.0, sum(j.cost_s for j in self.queue))
-        self._whole_images = sum(len(j.seeds) for j in self.queue if not self._stepwise(j))
+        self._whole_images = sum(len(j.seeds) for j in self.queue if self._streamable(j))
         self.metrics.queue_depth.set(len(self.queue))
 
     def _take_batch(self, whole_only: bool = False) -> list[Job]:
         """The queued job with the earliest arrival + cost, and every queued job compatible with it, oldest first,
-        up to max_batch images (``whole_only``: among jobs that run as whole batches, for a throughput stream)."""
+        up to max_batch images (``whole_only``: among the jobs a throughput stream may run, ``_streamable``)."""
         self._drop_cancelled()
-        takeable = [j for j in self.queue if self._takeable(j) and not (whole_only and self._stepwise(j))]
+        takeable = [j for j in self.queue if self._takeable(j) and (not whole_only or self._streamable(j))]
         if not takeable:
             return []
         head = min(takeable, key=lambda j: j.priority)
@@ -734,6 +734,12 @@ class Engine:
             and size is None
             and hasattr(entry.model, "inflight")
         )
+
+    def _streamable(self, job: Job) -> bool:
+        """Whether a throughput stream may run the job: a whole batch, of a model whose generate() may run on two
+        threads at once (fewstep's own; a diffusers pipeline keeps its scheduler's state on itself)."""
+        entry = self.registry.models.get(job.model)
+        return entry is not None and getattr(entry.model, "reentrant", False) and not self._stepwise(job)
 
     def _other_work_queued(self) -> bool:
         """Queued work that cannot join a running batch and may start now (a student batch, another key)."""

@@ -221,3 +221,15 @@ def test_a_fewstep_student_never_falls_back_to_a_pipeline_teacher(pipelines_dir,
     assert reg.models["tiny-student"].teacher is None and reg.models["flux-teacher"].ready
     encoder = reg.models["flux-teacher"].model.pipe.text_encoder  # frozen: encoding keeps no autograd graph
     assert not any(p.requires_grad for p in encoder.parameters())
+
+
+def test_a_pipelines_batches_never_run_on_a_throughput_stream(server):
+    """A diffusers pipeline keeps its scheduler's state on itself: two batches of it at once would mix their
+    timesteps, so the CPU throughput mode (server/streams.py) leaves its jobs to the main device thread and does
+    not count them towards turning itself on."""
+    from fewstep.server.engine import Job
+
+    engine = server.engine
+    for name in ("flux-student", "flux-teacher", "sdxl-turbo"):
+        job = Job(model=name, requested=name, prompt=PROMPT, steps=1, guidance=None, seeds=[0])
+        assert not engine._streamable(job), name

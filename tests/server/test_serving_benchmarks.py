@@ -1,5 +1,5 @@
-"""benchmarks/refusal.py and benchmarks/png.py run on the tiny served models: a row per refusal path (the paths'
-answers agree: the script asserts the same 429 bytes) and a row per zlib level."""
+"""The serving benchmarks run on the tiny served models: refusal.py (a row per refusal path; the paths' answers
+agree: the script asserts the same 429 bytes), png.py (a row per zlib level), batch_gap.py and interference.py."""
 
 from __future__ import annotations
 
@@ -46,3 +46,16 @@ def test_batch_gap_benchmark_times_the_gap_between_batches(models_dir):
     assert len(rows) == 6, run.stdout
     assert rows["next batch starts (the gap)"] >= rows["last job queued"] >= rows["first request's headers in"] > 0
     assert rows["the batch itself"] > 0
+
+
+def test_interference_benchmark_runs_both_layouts_alone_and_beside_a_busy_core(models_dir):
+    """benchmarks/interference.py: a row per layout (one batch over every thread; one single-threaded batch per
+    thread), each alone and beside another process that keeps a core busy."""
+    cmd = [sys.executable, "benchmarks/interference.py", "--model", str(models_dir / "tiny-student"), "--batch", "2",
+           "--rounds", "1", "--seconds", "0.3"]  # fmt: skip
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    rows = [line.split("|")[1:-1] for line in run.stdout.splitlines() if line.startswith("| ") and "layout" not in line]
+    assert len(rows) == 2, run.stdout
+    assert rows[0][0].strip().startswith("one batch over") and rows[1][0].strip().endswith("batches of 1 thread")
+    assert all(float(r[1]) > 0 and len(r) == 4 for r in rows), run.stdout

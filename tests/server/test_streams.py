@@ -123,6 +123,21 @@ async def test_a_backlog_runs_two_batches_at_once_and_light_load_one_over_every_
 
 
 @pytest.mark.anyio
+async def test_only_whole_batches_of_a_reentrant_model_may_run_on_a_throughput_stream(models_dir):
+    from fewstep.server.engine import Job
+
+    async with serve_app(make_settings(models_dir, warmup=False, cpu_streams=2, threads=2)) as c:
+        engine = c.engine
+
+        def job(model: str, steps: int) -> Job:
+            return Job(model=model, requested=model, prompt="a 7", steps=steps, guidance=None, seeds=[0])
+
+        assert engine._streamable(job("tiny-student", 1))
+        assert not engine._streamable(job("tiny-teacher", 20))  # step by step: the main device thread's
+        assert not engine._streamable(job("no-such-model", 1))
+
+
+@pytest.mark.anyio
 async def test_a_throughput_batch_counts_its_share_of_the_device_in_the_cost_per_image_step(models_dir):
     settings = make_settings(models_dir, warmup=False, cpu_streams=2, threads=2)
     async with serve_app(settings) as c:
