@@ -2,21 +2,21 @@
 
 On a CPU the device thread runs each batch with an OpenMP team over all the cores (latency mode): one request's
 image comes back as fast as the machine allows. Under overload that team is the wrong shape. Every op of the
-batch ends at a barrier, so anything else that runs on one of the cores (the event loop answering requests,
-their kernel network work) stalls the whole team, not just one core: with two cores, a batch of 32 images took
-62 ms with nothing else running and 92-95 ms at 4x the batched capacity, although its threads got the same CPU
-time (benchmarks/interference.py measures the effect directly; docs/reliability.md, "Overload").
+batch ends at a barrier, so anything else that runs on one of the cores (the event loop answering and refusing
+requests, their kernel network work) stalls the whole team, not just one core: on two cores a batch of 32 images
+took 77 ms at the batched capacity and 108-114 ms at 2x and 4x it (``FEWSTEP_CPU_STREAMS=1 python
+benchmarks/reliability.py --only overload``). ``python benchmarks/interference.py`` measures the effect alone.
 
 In throughput mode the engine runs ``streams`` batches at once, each on its own device thread with
 ``threads // streams`` OpenMP threads (one each on two cores), as OpenVINO's throughput streams or a
 multi-instance deployment do: a core taken by the event loop now delays one batch by the time it was taken,
-and a single-threaded batch pays no barrier at all. Latency goes up (a batch takes about twice as long) but
-under a backlog requests wait for the queue, not for their batch; throughput goes up.
+and a single-threaded batch pays no barrier at all. A batch takes longer (191 against 77 ms for 32 images,
+docs/reliability.md), but under a backlog a request waits for the queue, not for its batch; throughput goes up.
 
-The engine enters the mode when the queue holds whole-batch work for every stream (``streams × max_batch``
-images of jobs that run as whole batches) and leaves it when less than one batch is left, so a light or steady
-load, and 32 lockstep clients at max_batch 32, keep latency mode. GPUs keep one stream: the device runs the
-batch, not the host's cores.
+The engine enters the mode when the queue holds a full batch for every stream (``streams × max_batch`` images of
+jobs a stream may run: whole batches of a model whose generate() is reentrant, engine ``_streamable``) and
+leaves it when less than one batch is left, so a light or steady load, and 32 lockstep clients at max_batch 32,
+keep latency mode. GPUs keep one stream: the device runs the batch, not the host's cores.
 """
 
 from __future__ import annotations
