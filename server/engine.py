@@ -110,6 +110,7 @@ class Job:
     gate: bool = False  # score the student's images; the teacher regenerates those under the gate's threshold
     children: list[Job] = field(default_factory=list)  # its gated images' teacher job (cancelled with it)
     encoding: Encoding | None = None  # set: small images are encoded on the device thread (SMALL_IMAGES_PIXELS)
+    streamable: bool = False  # a throughput stream may run it (Engine._streamable, set when it is queued)
 
     @property
     def key(self) -> tuple[str, int, float | None, tuple[int, int] | None]:
@@ -236,6 +237,13 @@ class Engine:
         self._helping: set[asyncio.Future] = set()
         self._helper_wake: asyncio.Event | None = None
         self.throughput = False  # throughput mode now (read by the device threads for their thread counts)
+        self._main_width = 0  # torch threads of the main device thread's batch or step in flight (0: none; loop-side)
+        if self.helpers and settings.queue_size < self.streams.count * settings.max_batch:
+            log.warning(
+                "cpu_streams %d: the queue (queue_size %d) holds fewer 1-image requests than a batch for every "
+                "stream (%d × max_batch %d), so the throughput mode turns on only when requests ask for several "
+                "images", self.streams.count, settings.queue_size, self.streams.count, settings.max_batch,
+            )  # fmt: skip
         self._cost_lock = threading.Lock()  # cost_s is updated from every device thread
         metrics.device_streams.set(1)
         self.queue: deque[Job] = deque()
@@ -305,6 +313,7 @@ class Engine:
         if self.settings.warmup:
             await asyncio.get_running_loop().run_in_executor(self.executor, self.warmup)
         self.warmed_up = True
+        self._helper_wake.set()  # throughput streams start after the warm-up
 
     async def stop(self, deadline_s: float | None = None) -> None:
         """Finish what is queued and running (SIGTERM drains) until ``deadline_s``; then fail what is still
@@ -351,7 +360,8 @@ class Engine:
     def _observe_cost(self, name: str, seconds: float, images: int, steps: int, threads: int | None = None) -> None:
         """Seconds per image-step of the whole device: a batch that ran on ``threads`` of the streams' threads
         (throughput mode) had only that share of the cores, so its time counts in that proportion."""
-        share = 1.0 if threads is None else min(1.0, threads / self.streams.threads)
+        streams = self.streams
+        share = 1.0 if threads is None or threads >= streams.threads else threads / (streams.per_stream * streams.count)
         per = seconds * share / max(1, images * steps)
         with self._cost_lock:
             old = self.cost_s.get(name)
@@ -426,7 +436,9 @@ class Engine:
         ahead = sum(j.cost_s for j in self.queue if j.priority <= now + own) + max(0.0, self._whole_ends - now)
         one_round = sum(run.rows(self) * self.cost_s.get(run.entry.name, DEFAULT_COST_S) for run in self.running)
         if not self._stepwise_for(model, steps, size):
-            return ahead + one_round + own
+            # in throughput mode its own batch runs on one stream's share of the threads
+            stretch = self.streams.threads / self.streams.per_stream if self.throughput else 1.0
+            return ahead + one_round + own * stretch
         # step-wise work shares the device with the whole (student) batches that arrive while it runs: at the
         # recent rate r of their device time, it stretches by r / (1 − r), at most one whole batch per step.
         # Conservative: a lone client's own earlier requests count too (measured: benchmarks/slo.py)
@@ -520,7 +532,8 @@ class Engine:
         """An admitted job into the queue and its work budget; wakes the batcher and ends a multi-step slice."""
         self.queue.append(job)
         self.queued_work_s += job.cost_s
-        if self._streamable(job):
+        job.streamable = self._streamable(job)
+        if job.streamable:
             self._whole_images += len(job.seeds)
         self.metrics.queue_depth.set(len(self.queue))
         self._wake.set()
@@ -532,14 +545,14 @@ class Engine:
         gone = {id(j) for j in jobs}
         self.queue = deque(j for j in self.queue if id(j) not in gone)
         self.queued_work_s = max(0.0, sum(j.cost_s for j in self.queue))
-        self._whole_images = sum(len(j.seeds) for j in self.queue if self._streamable(j))
+        self._whole_images = sum(len(j.seeds) for j in self.queue if j.streamable)
         self.metrics.queue_depth.set(len(self.queue))
 
     def _take_batch(self, whole_only: bool = False) -> list[Job]:
         """The queued job with the earliest arrival + cost, and every queued job compatible with it, oldest first,
         up to max_batch images (``whole_only``: among the jobs a throughput stream may run, ``_streamable``)."""
         self._drop_cancelled()
-        takeable = [j for j in self.queue if self._takeable(j) and (not whole_only or self._streamable(j))]
+        takeable = [j for j in self.queue if self._takeable(j) and (not whole_only or j.streamable)]
         if not takeable:
             return []
         head = min(takeable, key=lambda j: j.priority)
@@ -613,7 +626,7 @@ class Engine:
             self._wake.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), left)
-            if not self.queue:
+            if not self.queue or self._update_mode():  # gone, or a backlog for every stream: nothing to wait for
                 return
 
     def _update_mode(self) -> bool:
@@ -629,23 +642,32 @@ class Engine:
         return mode
 
     async def _helper(self, k: int) -> None:
-        """A throughput stream's batcher: whole batches on its own device thread, only in throughput mode."""
+        """A throughput stream's batcher: whole batches on its own device thread, only in throughput mode, after
+        the warm-up, and never beside a main-thread batch that runs on every thread (the barrier stalls the mode
+        exists to avoid: it waits for that batch to end)."""
         loop = asyncio.get_running_loop()
         while True:
-            batch = self._take_batch(whole_only=True) if self._update_mode() else []
-            if not batch:
-                self._helper_wake.clear()
-                await self._helper_wake.wait()
-                continue
-            running = loop.run_in_executor(self.helpers[k], self._run_batch, batch, True)
-            self._helping.add(running)
             try:
-                results = await running
-            except Exception as e:
-                results = self._batch_failed(batch, e)
-            finally:
-                self._helping.discard(running)
-            self._finish(batch, results)
+                ready = self.warmed_up and self._main_width <= self.streams.per_stream
+                batch = self._take_batch(whole_only=True) if ready and self._update_mode() else []
+                if not batch:
+                    self._helper_wake.clear()
+                    await self._helper_wake.wait()
+                    continue
+                running = loop.run_in_executor(self.helpers[k], self._run_batch, batch, self.streams.per_stream)
+                self._helping.add(running)
+                try:
+                    results = await running
+                except Exception as e:
+                    results = self._batch_failed(batch, e)
+                finally:
+                    self._helping.discard(running)
+                self._finish(batch, results)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug outside the model calls: log it, keep serving (as the main batcher)
+                log.exception("throughput batcher error")
+                self.metrics.error("internal")
 
     def _batch_failed(self, batch: list[Job], e: Exception) -> list[Result | BaseException]:
         """The batch failed outside the model calls: its requests fail, nothing else."""
@@ -656,15 +678,19 @@ class Engine:
     async def _whole(self, batch: list[Job]) -> None:
         loop = asyncio.get_running_loop()
         began = time.perf_counter()
-        self._whole_ends = began + sum(j.cost_s for j in batch)
-        self._running = loop.run_in_executor(self.executor, self._run_batch, batch)
+        self._main_width = self._main_threads()
+        # cost_s is device-seconds of every thread: a batch on a share of them takes longer (throughput mode)
+        self._whole_ends = began + sum(j.cost_s for j in batch) * self.streams.threads / self._main_width
+        self._running = loop.run_in_executor(self.executor, self._run_batch, batch, self._main_width)
         try:
             results = await self._running
             self._wholes.append((time.perf_counter(), time.perf_counter() - began))
         except Exception as e:
             results = self._batch_failed(batch, e)
         finally:
-            self._running = None
+            self._running, self._main_width = None, 0
+            if self.helpers:
+                self._helper_wake.set()  # a throughput stream may have waited for this batch to end
         self._finish(batch, results)
 
     def _finish(self, batch: list[Job], results: list[Result | BaseException]) -> None:
@@ -737,9 +763,13 @@ class Engine:
 
     def _streamable(self, job: Job) -> bool:
         """Whether a throughput stream may run the job: a whole batch, of a model whose generate() may run on two
-        threads at once (fewstep's own; a diffusers pipeline keeps its scheduler's state on itself)."""
+        threads at once (fewstep's own; a diffusers pipeline keeps its scheduler's state on itself), and so may its
+        teacher, which regenerates the batch on the same thread if the student fails."""
         entry = self.registry.models.get(job.model)
-        return entry is not None and getattr(entry.model, "reentrant", False) and not self._stepwise(job)
+        if entry is None or not getattr(entry.model, "reentrant", False) or self._stepwise(job):
+            return False
+        teacher = self.registry.teacher_for(job.model)  # a failing student's batch is regenerated on the same thread
+        return teacher is None or getattr(teacher.model, "reentrant", False)
 
     def _other_work_queued(self) -> bool:
         """Queued work that cannot join a running batch and may start now (a student batch, another key)."""
@@ -775,7 +805,8 @@ class Engine:
         self._arrived.clear()  # what arrives from now on ends the slice after its current step
         alone = len(self.running) == 1 and not self._other_work_queued()
         steps = MAX_STEPS_PER_SLICE if alone else 1  # others waiting: one step, then their turn
-        self._running = loop.run_in_executor(self.executor, self._run_step, run, joiners, steps)
+        self._main_width = self._main_threads()
+        self._running = loop.run_in_executor(self.executor, self._run_step, run, joiners, steps, self._main_width)
         try:
             outcomes, failed = await self._running
         except Exception as e:
@@ -786,7 +817,9 @@ class Engine:
                 True,
             )
         finally:
-            self._running = None
+            self._running, self._main_width = None, 0
+            if self.helpers:
+                self._helper_wake.set()  # a throughput stream may have waited for this batch to end
         for job, outcome in outcomes:
             run.jobs.pop(id(job), None)
             if isinstance(outcome, _ToTeacher):
@@ -814,14 +847,14 @@ class Engine:
         self._enqueue(job)  # admitted already: never a 429 halfway through
 
     def _run_step(
-        self, run: Running, joiners: list[Job], max_steps: int = 1
+        self, run: Running, joiners: list[Job], max_steps: int = 1, threads: int | None = None
     ) -> tuple[list[tuple[Job, Result | BaseException]], bool]:
         """On the executor thread: the joiners' rows join, cancelled jobs' rows leave, every row takes one step,
         and more, up to ``max_steps``, while no row is done and nothing has arrived or been cancelled since.
         Returns (the jobs that are done, with their results; whether the batch failed). ``run.jobs`` is changed
         on the event loop only (``_step``), which reads it meanwhile. A model error fails every job of the batch
         (a teacher has no fallback); non-finite images fail their own job."""
-        threads = self._threads()
+        threads = threads or self.streams.threads
         use_threads(threads)
         start = time.perf_counter()
         entry = run.entry
@@ -896,12 +929,14 @@ class Engine:
         return sum(len(j.seeds) for j in self.queue if j.key == key and not j.cancelled)
 
     # ---- running a batch (on the executor thread) -------------------------------------------------------
-    def _threads(self, helper: bool = False) -> int:
-        """torch threads for a batch starting now on the calling device thread."""
-        return self.streams.per_stream if helper or self.throughput else self.streams.threads
+    def _main_threads(self) -> int:
+        """On the event loop: torch threads for the main device thread's next batch or step: its share in
+        throughput mode and while a throughput batch still runs after the mode ended (never more threads than
+        cores), else every thread."""
+        return self.streams.per_stream if self.throughput or self._helping else self.streams.threads
 
-    def _run_batch(self, batch: list[Job], helper: bool = False) -> list[Result | BaseException]:
-        threads = self._threads(helper)
+    def _run_batch(self, batch: list[Job], threads: int | None = None) -> list[Result | BaseException]:
+        threads = threads or self.streams.threads
         use_threads(threads)
         start = time.perf_counter()
         entry = self.registry.models[batch[0].model]

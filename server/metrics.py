@@ -61,8 +61,8 @@ class Metrics:
                                  buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r),
             queue_depth=Gauge("fewstep_queue_depth_requests", "Requests waiting for a batch", registry=r),
             queued_work=Gauge("fewstep_queued_work_seconds", "Estimated device seconds of queued work", registry=r),
-            device_streams=Gauge("fewstep_device_streams", "Batches the device runs at once: 1, or the CPU "
-                                 "throughput mode's streams while a backlog lasts", registry=r),
+            device_streams=Gauge("fewstep_device_streams", "The device's mode: 1 (one batch at a time), or the "
+                                 "CPU throughput mode's streams (batches at once) while it is on", registry=r),
             in_flight=Gauge("fewstep_requests_in_flight", "Requests being handled", registry=r),
             images=Counter("fewstep_images_generated_total", "Images generated", ["model"], registry=r),
             fallbacks=Counter("fewstep_fallbacks_total", "Requests served by the teacher instead", ["reason"],

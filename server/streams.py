@@ -35,15 +35,16 @@ class Streams:
 
     @property
     def per_stream(self) -> int:
-        """torch threads of each batch in throughput mode."""
+        """torch threads of each batch in throughput mode (with threads not a multiple of count, the rest idle)."""
         return max(1, self.threads // self.count)
 
     @classmethod
     def resolve(cls, setting: int, device: torch.device, threads: int) -> Streams:
-        """``setting`` 0: automatic (2 on a CPU with at least 2 torch threads, else 1); n: n on a CPU, 1 on a GPU."""
+        """``setting`` 0: automatic (2 on a CPU with an even number of torch threads, so that no thread idles in
+        the mode; else 1); n: n on a CPU (at most one per thread), 1 on a GPU."""
         if device.type != "cpu":
             return cls(1, threads)
-        count = (2 if threads >= 2 else 1) if setting == 0 else setting
+        count = (2 if threads >= 2 and threads % 2 == 0 else 1) if setting == 0 else setting
         return cls(max(1, min(count, threads)), threads)
 
 
@@ -58,7 +59,9 @@ def next_mode(throughput: bool, queued_images: int, max_batch: int, streams: int
 
 
 def use_threads(n: int) -> None:
-    """The calling thread's torch threads (OpenMP's thread count is per thread: another device thread's is not
-    touched). Set only when it changes: setting it also clears oneDNN's cache of compiled primitives."""
+    """The calling thread's torch threads. OpenMP's thread count is per thread: a device thread that is running
+    keeps its own (threads started later begin with the last count set anywhere, so every device thread sets its
+    count before each batch). Set only when it changes: setting it also clears oneDNN's cache of compiled
+    primitives."""
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)

@@ -41,6 +41,7 @@ def test_the_mode_follows_the_queued_whole_batch_work(throughput, queued, stream
         (0, "cpu", 2, 2, 1),  # automatic: two streams on two threads
         (0, "cpu", 8, 2, 4),
         (0, "cpu", 1, 1, 1),  # one thread: nothing to split
+        (0, "cpu", 3, 1, 3),  # automatic needs an even count: no thread idles in the mode
         (1, "cpu", 8, 1, 8),  # off
         (4, "cpu", 8, 4, 2),
         (4, "cpu", 2, 2, 1),  # never more streams than threads
@@ -86,9 +87,9 @@ async def test_a_backlog_runs_two_batches_at_once_and_light_load_one_over_every_
         batches = []  # (device thread, its torch threads, start, end, images)
         run_batch = engine._run_batch
 
-        def recorded(batch, helper=False):
+        def recorded(batch, threads=None):
             start = time.perf_counter()
-            out = run_batch(batch, helper)
+            out = run_batch(batch, threads)
             end = time.perf_counter()
             batches.append((threading.current_thread().name, torch.get_num_threads(), start, end, len(batch)))
             return out
@@ -102,7 +103,7 @@ async def test_a_backlog_runs_two_batches_at_once_and_light_load_one_over_every_
         main = [b for b in batches if not b[0].startswith("fewstep-device-1")]
         assert helper and main, batches  # 24 one-image jobs, batches of 4: a backlog of two batches and more
         assert all(b[1] == 1 for b in helper)  # a throughput stream has its share of the threads
-        # a helper batch ran while a main-thread batch did, and the main thread had one thread then
+        # a helper batch ran while a main-thread batch did, and never beside one over every thread
         overlapping = [(h, m) for h in helper for m in main if h[2] < m[3] and m[2] < h[3]]
         assert overlapping and all(m[1] == 1 for _, m in overlapping)
 
@@ -120,6 +121,14 @@ async def test_a_backlog_runs_two_batches_at_once_and_light_load_one_over_every_
         assert batches[0][1] == 2  # light load: one batch over every thread again
         # whichever stream and thread count made it, a seed's image is the same (within 1/255, as across batches)
         assert np.abs(_pixels(alone.json()) - _pixels(responses[5].json())).max() <= 1
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """The engine's device threads set torch's thread count, which new threads start from: restore it."""
+    mine = torch.get_num_threads()
+    yield
+    torch.set_num_threads(mine)
 
 
 @pytest.mark.anyio
@@ -147,3 +156,76 @@ async def test_a_throughput_batch_counts_its_share_of_the_device_in_the_cost_per
         assert engine.cost_s["tiny-student"] == pytest.approx(0.05)
         engine._observe_cost("tiny-student", 0.4, 4, 2, threads=2)  # all the cores: 0.05 s per image-step
         assert engine.cost_s["tiny-student"] == pytest.approx(0.05)
+        # 3 threads in 2 streams of 1 (one idles): a throughput batch had half of what the mode uses, not a third
+        engine.streams = Streams(2, 3)
+        engine.cost_s.pop("tiny-student")
+        engine._observe_cost("tiny-student", 0.8, 4, 2, threads=1)
+        assert engine.cost_s["tiny-student"] == pytest.approx(0.05)
+
+
+def _jobs(n: int, model: str = "tiny-student", steps: int = 1):
+    from fewstep.server.engine import Job
+
+    return [Job(model=model, requested=model, prompt="a 7", steps=steps, guidance=None, seeds=[i]) for i in range(n)]
+
+
+@pytest.mark.anyio
+async def test_the_queued_work_that_counts_for_the_mode_follows_arrivals_takes_and_cancels(models_dir):
+    from fewstep.server.api import create_app
+
+    engine = create_app(make_settings(models_dir, warmup=False, cpu_streams=2, threads=2, max_batch=4)).state.engine
+    engine._wake, engine._helper_wake = asyncio.Event(), asyncio.Event()  # not started: nothing takes the jobs
+    students, teacher = _jobs(9), _jobs(2, "tiny-teacher", 20)
+    for job in students + teacher:
+        engine.submit(job)
+    assert engine._whole_images == 9  # the teacher's step-wise jobs do not count
+    assert engine._helper_wake.is_set()  # 9 >= 2 streams x max_batch 4: a throughput stream may start
+    engine.cancel(students[0])
+    assert engine._whole_images == 8
+    assert engine._update_mode() and engine.throughput  # a batch for each stream: on
+    batch = engine._take_batch(whole_only=True)
+    assert len(batch) == 4 and all(j.model == "tiny-student" for j in batch) and engine._whole_images == 4
+    assert engine._update_mode()  # one batch left: still on
+    engine.cancel(students[5])
+    assert engine._whole_images == 3 and not engine._update_mode()  # under one batch: off
+
+
+@pytest.mark.anyio
+async def test_a_throughput_stream_starts_after_the_warm_up_and_never_beside_a_batch_over_every_thread(models_dir):
+    from fewstep.server.api import create_app
+
+    engine = create_app(make_settings(models_dir, warmup=False, cpu_streams=2, threads=2, max_batch=4)).state.engine
+    engine._wake, engine._helper_wake = asyncio.Event(), asyncio.Event()
+    jobs = _jobs(8)
+    futures = [engine.submit(j) for j in jobs]
+    helper = asyncio.create_task(engine._helper(0))
+    try:
+        await asyncio.sleep(0.2)
+        assert len(engine.queue) == 8  # not warmed up yet: the helper waits
+        engine._main_width = 2  # the main device thread runs a batch over both threads
+        engine.warmed_up = True
+        engine._helper_wake.set()
+        await asyncio.sleep(0.2)
+        assert len(engine.queue) == 8  # it waits for that batch to end
+        engine._main_width = 0
+        engine._helper_wake.set()
+        await asyncio.wait_for(asyncio.gather(*futures[:4]), 60)  # the helper's batch: the first four
+        assert all(f.result().batch_images == 4 for f in futures[:4])
+        assert engine.metrics.device_streams._value.get() == 2
+    finally:
+        helper.cancel()
+        for executor in engine.helpers:
+            executor.shutdown(wait=True)
+
+
+@pytest.mark.anyio
+async def test_a_student_whose_teacher_cannot_run_on_two_threads_stays_on_the_main_one(models_dir):
+    from fewstep.server.api import create_app
+
+    engine = create_app(make_settings(models_dir, warmup=False, cpu_streams=2, threads=2)).state.engine
+    [student] = _jobs(1)
+    assert engine._streamable(student)
+    # a failing student's batch is regenerated by its teacher on the same thread: a teacher that is not
+    # reentrant (a diffusers pipeline) keeps its students' batches on the main device thread
+    engine.registry.models["tiny-teacher"].model.reentrant = False
+    assert not engine._streamable(student)
