@@ -38,10 +38,10 @@ def _child(events_file: str, argv: list[str]) -> None:
     now = time.perf_counter
 
     def wrap_batch(run):
-        def timed(self, batch):
+        def timed(self, batch, *args):
             events.append(("device_start", now(), len(batch)))
             try:
-                return run(self, batch)
+                return run(self, batch, *args)
             finally:
                 events.append(("device_end", now(), len(batch)))
 
