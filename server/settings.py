@@ -87,7 +87,8 @@ class ServeSettings(BaseSettings):
         ge=0,
         le=64,
         description="CPU throughput mode: while the queue holds a full batch for each, this many batches run at once, "
-        "each on its share of the threads; 0 = 2 on a CPU with at least 2 threads, 1 = off (GPUs: always 1)",
+        "each on its share of the threads; 0 = 2 on a CPU with an even number of threads (else 1), 1 = off "
+        "(GPUs: always 1)",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="log level")
     retry_after_s: int = Field(default=1, ge=1, description="Retry-After of 429 and 503 answers")
