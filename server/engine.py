@@ -40,6 +40,7 @@ import math
 import threading
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
@@ -233,7 +234,6 @@ class Engine:
         self.streams = streams or Streams(1, torch.get_num_threads())
         # throughput mode's other device threads (the main one is self.executor), their batchers and their batches
         self.helpers = [device_executor(f"fewstep-device-{k}") for k in range(1, self.streams.count)]
-        self._helper_tasks: list[asyncio.Task | None] = [None] * len(self.helpers)
         self._helping: set[asyncio.Future] = set()
         self._helper_wake: asyncio.Event | None = None
         self.throughput = False  # throughput mode now (read by the device threads for their thread counts)
@@ -253,7 +253,7 @@ class Engine:
         self._wake: asyncio.Event | None = None
         self._arrived = threading.Event()  # set on the event loop by arrivals and cancellations, read by the device
         self._snapshot: tuple[tuple, Snapshot] | None = None  # (the models' health it was built from, it)
-        self._task: asyncio.Task | None = None
+        self._tasks: dict[str, asyncio.Task] = {}  # the supervised batchers, by name (_supervise)
         self._warm_task: asyncio.Task | None = None
         self._running: asyncio.Future | None = None  # the slice of work on the executor now
         self.running: list[Running] = []  # batches sampled step by step (step-level scheduling)
@@ -276,38 +276,42 @@ class Engine:
         """Start the batcher; warm up in the background, so /healthz answers at once and /readyz says 503
         until every model has run once (requests that arrive meanwhile queue behind the warm-up)."""
         self._wake, self._helper_wake = asyncio.Event(), asyncio.Event()
-        self._start_batcher()
+        self._supervise("fewstep-batcher", lambda: self._next_batch())
         for k in range(len(self.helpers)):
-            self._start_helper(k)
+            self._supervise(f"fewstep-batcher-{k + 1}", lambda k=k: self._next_helper_batch(k))
         self._warm_task = asyncio.create_task(self._warm(), name="fewstep-warmup")
 
-    def _start_batcher(self) -> None:
-        self._task = asyncio.create_task(self._batcher(), name="fewstep-batcher")
-        self._task.add_done_callback(self._batcher_ended)
+    @property
+    def _task(self) -> asyncio.Task | None:
+        """The main batcher (readiness: /readyz says unavailable while it is not running)."""
+        return self._tasks.get("fewstep-batcher")
 
-    def _batcher_ended(self, task: asyncio.Task) -> None:
-        """Supervision: a batcher that ends while the engine runs is logged, counted and started again."""
-        if self._stopping:
-            return
-        exc = None if task.cancelled() else task.exception()
-        log.error("the batcher stopped (%r); restarting it", exc)
-        self.metrics.error("batcher_restart")
-        self.batcher_restarts += 1
-        self._start_batcher()
+    def _supervise(self, name: str, one_slice: Callable[[], Awaitable[None]]) -> None:
+        """Run ``one_slice`` for ever as the task ``name``: an error outside the model calls is logged and counted and
+        the next slice runs; if the task ever ends while the engine runs, it is logged, counted and started again.
+        (``one_slice`` looks its method up at each call, so a restarted batcher runs what the engine has now.)"""
 
-    def _start_helper(self, k: int) -> None:
-        task = asyncio.create_task(self._helper(k), name=f"fewstep-batcher-{k + 1}")
-        task.add_done_callback(lambda t: self._helper_ended(k, t))
-        self._helper_tasks[k] = task
+        async def run() -> None:
+            while True:
+                try:
+                    await one_slice()
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # a bug outside the model calls: log it, keep serving
+                    log.exception("%s error", name)
+                    self.metrics.error("internal")
 
-    def _helper_ended(self, k: int, task: asyncio.Task) -> None:
-        if self._stopping:
-            return
-        exc = None if task.cancelled() else task.exception()
-        log.error("throughput batcher %d stopped (%r); restarting it", k + 1, exc)
-        self.metrics.error("batcher_restart")
-        self.batcher_restarts += 1
-        self._start_helper(k)
+        def ended(task: asyncio.Task) -> None:
+            if self._stopping:
+                return
+            exc = None if task.cancelled() else task.exception()
+            log.error("%s stopped (%r); restarting it", name, exc)
+            self.metrics.error("batcher_restart")
+            self.batcher_restarts += 1
+            self._supervise(name, one_slice)
+
+        self._tasks[name] = task = asyncio.create_task(run(), name=name)
+        task.add_done_callback(ended)
 
     async def _warm(self) -> None:
         if self.settings.warmup:
@@ -330,7 +334,7 @@ class Engine:
                 job.future.set_exception(NotServable("the server is shutting down"))
         self.queue.clear()
         self.running.clear()
-        for task in (self._warm_task, self._task, *self._helper_tasks):
+        for task in (self._warm_task, *self._tasks.values()):
             if task is not None and not task.done():
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -564,16 +568,6 @@ class Engine:
         self._remove(batch)
         return batch
 
-    async def _batcher(self) -> None:
-        while True:
-            try:
-                await self._next_batch()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # a bug outside the model calls: log it, keep serving
-                log.exception("batcher error")
-                self.metrics.error("internal")
-
     async def _next_batch(self) -> None:
         """One slice of device work: a step of a running batch, or a whole batch (student work, or everything when
         step scheduling is off), or a new running batch's first step."""
@@ -641,33 +635,27 @@ class Engine:
             self._helper_wake.set()
         return mode
 
-    async def _helper(self, k: int) -> None:
-        """A throughput stream's batcher: whole batches on its own device thread, only in throughput mode, after
-        the warm-up, and never beside a main-thread batch that runs on every thread (the barrier stalls the mode
+    async def _next_helper_batch(self, k: int) -> None:
+        """A throughput stream's slice: a whole batch on its own device thread, only in throughput mode, after the
+        warm-up, and never beside a main-thread batch that runs on every thread (the barrier stalls the mode
         exists to avoid: it waits for that batch to end)."""
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                ready = self.warmed_up and self._main_width <= self.streams.per_stream
-                batch = self._take_batch(whole_only=True) if ready and self._update_mode() else []
-                if not batch:
-                    self._helper_wake.clear()
-                    await self._helper_wake.wait()
-                    continue
-                running = loop.run_in_executor(self.helpers[k], self._run_batch, batch, self.streams.per_stream)
-                self._helping.add(running)
-                try:
-                    results = await running
-                except Exception as e:
-                    results = self._batch_failed(batch, e)
-                finally:
-                    self._helping.discard(running)
-                self._finish(batch, results)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # a bug outside the model calls: log it, keep serving (as the main batcher)
-                log.exception("throughput batcher error")
-                self.metrics.error("internal")
+        ready = self.warmed_up and self._main_width <= self.streams.per_stream
+        batch = self._take_batch(whole_only=True) if ready and self._update_mode() else []
+        if not batch:
+            self._helper_wake.clear()
+            await self._helper_wake.wait()
+            return
+        running = asyncio.get_running_loop().run_in_executor(
+            self.helpers[k], self._run_batch, batch, self.streams.per_stream
+        )
+        self._helping.add(running)
+        try:
+            results = await running
+        except Exception as e:
+            results = self._batch_failed(batch, e)
+        finally:
+            self._helping.discard(running)
+        self._finish(batch, results)
 
     def _batch_failed(self, batch: list[Job], e: Exception) -> list[Result | BaseException]:
         """The batch failed outside the model calls: its requests fail, nothing else."""

@@ -198,7 +198,12 @@ async def test_a_throughput_stream_starts_after_the_warm_up_and_never_beside_a_b
     engine._wake, engine._helper_wake = asyncio.Event(), asyncio.Event()
     jobs = _jobs(8)
     futures = [engine.submit(j) for j in jobs]
-    helper = asyncio.create_task(engine._helper(0))
+
+    async def stream() -> None:  # the helper batcher, as the engine's supervisor runs it
+        while True:
+            await engine._next_helper_batch(0)
+
+    helper = asyncio.create_task(stream())
     try:
         await asyncio.sleep(0.2)
         assert len(engine.queue) == 8  # not warmed up yet: the helper waits
