@@ -37,13 +37,19 @@ def _child(events_file: str, argv: list[str]) -> None:
     events: list[tuple[str, float, int]] = []
     now = time.perf_counter
 
-    def wrap_batch(run):
-        def timed(self, batch, *args):
+    # a whole batch from the event loop's side: its start, and its end as the loop sees it (a batch may run
+    # split into parts on several device threads at once, engine._split)
+    def wrap_whole(whole):
+        async def timed(self, batch):
             events.append(("device_start", now(), len(batch)))
-            try:
-                return run(self, batch, *args)
-            finally:
-                events.append(("device_end", now(), len(batch)))
+            return await whole(self, batch)
+
+        return timed
+
+    def wrap_finish(finish):
+        def timed(self, batch, results):
+            events.append(("device_end", now(), len(batch)))
+            return finish(self, batch, results)
 
         return timed
 
@@ -69,7 +75,8 @@ def _child(events_file: str, argv: list[str]) -> None:
 
         return timed
 
-    engine.Engine._run_batch = wrap_batch(engine.Engine._run_batch)
+    engine.Engine._whole = wrap_whole(engine.Engine._whole)
+    engine.Engine._finish = wrap_finish(engine.Engine._finish)
     engine.Engine._enqueue = wrap_enqueue(engine.Engine._enqueue)
     h11_impl.RequestResponseCycle.__init__ = wrap_cycle(h11_impl.RequestResponseCycle.__init__)
     h11_impl.RequestResponseCycle.send = wrap_send(h11_impl.RequestResponseCycle.send)

@@ -26,7 +26,12 @@ import time
 from pathlib import Path
 
 import httpx
+import torch
 from loadgen import RawConnection, RawPool  # benchmarks/loadgen.py, beside this script
+from split import Layouts  # benchmarks/split.py
+
+from fewstep.server.settings import ServeSettings
+from fewstep.server.streams import Streams
 
 
 def free_port() -> int:
@@ -177,6 +182,22 @@ def in_process_images_per_s(model_dir: Path, steps: int, batch: int, rounds: int
     return rounds * batch / (time.perf_counter() - t0)
 
 
+def in_process_split_images_per_s(model_dir: Path, steps: int, batch: int, rounds: int, streams: int) -> float:
+    """The same, with each batch split over ``streams`` single-threaded parts at once, as the server runs a batch
+    this large on a CPU (server/engine.py ``_split``; benchmarks/split.py): the ceiling for the same work."""
+    from fewstep.models.pipeline import TextToImage
+
+    layouts = Layouts(TextToImage.load(model_dir), streams, torch.get_num_threads(), steps)
+    try:
+        layouts.split(list(range(batch)))
+        t0 = time.perf_counter()
+        for r in range(rounds):
+            layouts.split([r * batch + i for i in range(batch)])
+        return rounds * batch / (time.perf_counter() - t0)
+    finally:
+        layouts.close()
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="zoo", help="models directory (default ./zoo)")
@@ -189,6 +210,9 @@ def main() -> int:
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
     on_flags = dict(max_batch=args.max_batch, max_wait_ms=5, queue_size=512)
+    # how the server runs a batch of 32 on this machine's CPU (its defaults): split over streams, or one team
+    streams = Streams.resolve(0, torch.device("cpu"), torch.get_num_threads())
+    splits = streams.count > 1 and 32 >= streams.count * ServeSettings.model_fields["cpu_split_images"].default > 0
 
     with Server(args.models, **on_flags) as on:
         models = {m["id"]: m for m in httpx.get(on.url + "/v1/models").json()["data"]}
@@ -231,20 +255,23 @@ def main() -> int:
                 http_32 = throughput(on.url, one_step, 32, args.total)
         local_ms = percentile(in_process_ms(student_dir, steps_1, args.requests), 50)
         local_32 = in_process_images_per_s(student_dir, steps_1, 32, args.total // 32)
-        compared.append((http_ms, local_ms, http_32, local_32))
+        split_32 = (
+            in_process_split_images_per_s(student_dir, steps_1, 32, args.total // 32, streams.count) if splits else None
+        )
+        compared.append((http_ms, local_ms, http_32, local_32, split_32))
     with Server(args.models, max_batch=1, max_wait_ms=0, queue_size=512) as off:
         tput_off = {c: throughput(off.url, one_step, c, args.total) for c in (1, 32)}
-    lat_ratio = statistics.median(h / loc for h, loc, _, _ in compared)
-    tput_ratio = statistics.median(h / loc for _, _, h, loc in compared)
+    lat_ratio = statistics.median(c[0] / c[1] for c in compared)
+    tput_ratio = statistics.median(c[2] / c[3] for c in compared)
+    split_ratio = statistics.median(c[2] / c[4] for c in compared) if splits else None
     per_round = "; ".join(
-        f"round {i + 1}: {h:.1f} / {loc:.1f} ms, {h32:.1f} / {l32:.1f} images/s" for i, (h, loc, h32, l32) in
-        enumerate(compared))  # fmt: skip
+        f"round {i + 1}: {h:.1f} / {loc:.1f} ms, {h32:.1f} / {l32:.1f}"
+        + (f" / {s32:.1f}" if s32 is not None else "") + " images/s"
+        for i, (h, loc, h32, l32, s32) in enumerate(compared))  # fmt: skip
 
     p50 = {(m, s): percentile(xs, 50) for m, s, xs in rows}
     student_1 = p50.get((student["id"], min(student["supported_steps"])))
     teacher_p50 = p50[(teacher["id"], teacher["default_steps"])]
-    import torch
-
     lines = [
         "| model | steps | p50 ms | p99 ms |",
         "|---|---:|---:|---:|",
@@ -269,6 +296,14 @@ def main() -> int:
         f"| 32 clients batched / serial batch-1 (1 client, batching off) | {tput_on[32] / tput_off[1]:.1f}× | ≥ 5× |",
         f"| 32 clients batched over HTTP / in-process batch 32 (before PNG; median of {len(compared)} rounds) | "
         f"{tput_ratio:.0%} | ≥ 80% |",
+        *(
+            [
+                f"| the same / in-process batch 32 split over {streams.count} single-threaded parts at once, as the "
+                f"server runs it (median of {len(compared)} rounds) | {split_ratio:.0%} | |"
+            ]
+            if splits
+            else []
+        ),  # fmt: skip
     ]
     machine = (
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch "
@@ -282,7 +317,9 @@ def main() -> int:
         + "\n".join(lines)
         + "\n\n"
         "## Summary\n\n" + "\n".join(summary) + "\n\n"
-        f"HTTP / in-process rounds (1-step p50; images/s at 32 clients / batch 32): {per_round}.\n"
+        "HTTP / in-process rounds (1-step p50; images/s at 32 clients / batch 32"
+        + (" / batch 32 split" if splits else "")
+        + f"): {per_round}.\n"
     )
     out = Path(args.out)
     previous = out.read_text() if out.exists() else ""

@@ -54,7 +54,7 @@ from fewstep.server.metrics import Metrics
 from fewstep.server.registry import Registry, ServedModel
 from fewstep.server.routing import Decision, ModelView, RouteError, Snapshot, readiness, route
 from fewstep.server.settings import ServeSettings
-from fewstep.server.streams import Streams, next_mode, use_threads
+from fewstep.server.streams import Streams, next_mode, split_batch, use_threads
 
 log = logging.getLogger("fewstep.server")
 DEFAULT_COST_S = 0.02  # seconds per image-step before a model's first measurement (a CPU student's order)
@@ -669,9 +669,25 @@ class Engine:
         self._main_width = self._main_threads()
         # cost_s is device-seconds of every thread: a batch on a share of them takes longer (throughput mode)
         self._whole_ends = began + sum(j.cost_s for j in batch) * self.streams.threads / self._main_width
-        self._running = loop.run_in_executor(self.executor, self._run_batch, batch, self._main_width)
+        parts = self._split(batch)
+        if len(parts) == 1:
+            self._running = loop.run_in_executor(self.executor, self._run_batch, batch, self._main_width)
+        else:  # one part per stream, each single-threaded, at once (server/streams.py split_batch)
+            self._running = asyncio.gather(
+                *(
+                    loop.run_in_executor(executor, self._run_batch, part, self.streams.per_stream)
+                    for executor, part in zip((self.executor, *self.helpers), parts, strict=False)
+                ),
+                return_exceptions=True,
+            )
         try:
-            results = await self._running
+            done = await self._running
+            if len(parts) == 1:
+                results = done
+            else:  # a part that failed outside the model calls fails only its own requests
+                results = []
+                for part, outcome in zip(parts, done, strict=True):
+                    results += self._batch_failed(part, outcome) if isinstance(outcome, Exception) else outcome
             self._wholes.append((time.perf_counter(), time.perf_counter() - began))
         except Exception as e:
             results = self._batch_failed(batch, e)
@@ -680,6 +696,23 @@ class Engine:
             if self.helpers:
                 self._helper_wake.set()  # a throughput stream may have waited for this batch to end
         self._finish(batch, results)
+
+    def _split(self, batch: list[Job]) -> list[list[Job]]:
+        """The parts a whole batch runs as: one per stream when the batch runs over every thread, after the warm-up,
+        its model may run on several threads at once (``streamable``) and every part gets ``cpu_split_images``
+        images; else the batch itself."""
+        per_part = self.settings.cpu_split_images
+        images = sum(len(j.seeds) for j in batch)
+        if (
+            not self.helpers
+            or not per_part
+            or not self.warmed_up
+            or self._main_width != self.streams.threads
+            or not batch[0].streamable
+            or images < per_part * self.streams.count
+        ):
+            return [batch]
+        return split_batch(batch, self.streams.count)
 
     def _finish(self, batch: list[Job], results: list[Result | BaseException]) -> None:
         """A whole batch's outcomes to its requests; images the quality gate doubted go to the teacher first."""

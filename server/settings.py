@@ -90,6 +90,13 @@ class ServeSettings(BaseSettings):
         "each on its share of the threads; 0 = 2 on a CPU with an even number of threads (else 1), 1 = off "
         "(GPUs: always 1)",
     )
+    cpu_split_images: int = Field(
+        default=12,
+        ge=0,
+        description="CPU streams (cpu_streams > 1) outside throughput mode: a whole batch of at least this many "
+        "images per stream runs split over the streams, each part single-threaded at once (one OpenMP team over "
+        "every core pays a barrier per op; benchmarks/split.py); 0 = never split",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="log level")
     retry_after_s: int = Field(default=1, ge=1, description="Retry-After of 429 and 503 answers")
     header_timeout_s: float = Field(

@@ -234,3 +234,130 @@ async def test_a_student_whose_teacher_cannot_run_on_two_threads_stays_on_the_ma
     # reentrant (a diffusers pipeline) keeps its students' batches on the main device thread
     engine.registry.models["tiny-teacher"].model.reentrant = False
     assert not engine._streamable(student)
+
+
+@pytest.mark.parametrize(
+    "sizes, parts, expected",
+    [
+        ([1] * 32, 2, [16, 16]),
+        ([8, 8, 8, 8], 2, [16, 16]),
+        ([1] * 7, 2, [4, 3]),  # odd: as even as whole jobs allow
+        ([20] + [1] * 12, 2, [20, 12]),  # a job is never cut
+        ([32], 2, [32]),  # one job: nothing to split
+        ([1, 31], 2, [32]),  # the second part would be all of it: one part
+        ([1] * 9, 3, [3, 3, 3]),
+        ([1] * 4, 1, [4]),
+    ],
+)
+def test_split_batch_cuts_between_jobs_into_parts_of_about_equal_images(sizes, parts, expected):
+    from fewstep.server.streams import split_batch
+
+    out = split_batch(sizes, parts, images=lambda n: n)
+    assert [sum(p) for p in out] == expected
+    assert [n for p in out for n in p] == sizes  # order kept, nothing lost
+
+
+def _engine(models_dir, **overrides):
+    """An engine that is not started (nothing takes jobs on its own), warmed up: the tests drive its slices."""
+    from fewstep.server.api import create_app
+
+    settings = make_settings(models_dir, warmup=False, cpu_streams=2, threads=2, max_batch=8, **overrides)
+    engine = create_app(settings).state.engine
+    engine._wake, engine._helper_wake = asyncio.Event(), asyncio.Event()
+    engine.warmed_up = True
+    return engine
+
+
+def _shut(engine) -> None:
+    for executor in (engine.executor, *engine.helpers):
+        executor.shutdown(wait=True)
+
+
+async def _whole_batch(engine, n: int = 8):
+    futures = [engine.submit(job) for job in _jobs(n)]
+    await engine._whole(engine._take_batch())
+    await asyncio.gather(*futures, return_exceptions=True)
+    return [f.exception() or f.result() for f in futures]
+
+
+@pytest.mark.anyio
+async def test_a_large_whole_batch_runs_split_over_the_streams_each_part_single_threaded(models_dir):
+    split, whole = _engine(models_dir, cpu_split_images=4), _engine(models_dir, cpu_split_images=0)
+    parts = []  # (device thread, its torch threads, start, end, seeds)
+    run_batch = split._run_batch
+
+    def recorded(batch, threads=None):
+        start = time.perf_counter()
+        out = run_batch(batch, threads)
+        parts.append((threading.current_thread().name, torch.get_num_threads(), start, time.perf_counter(),
+                      [s for j in batch for s in j.seeds]))  # fmt: skip
+        return out
+
+    split._run_batch = recorded
+    try:
+        results = await _whole_batch(split)
+        alone = await _whole_batch(whole)
+    finally:
+        _shut(split)
+        _shut(whole)
+    assert sorted(p[0] for p in parts) == ["fewstep-device-1_0", "fewstep-device_0"]
+    assert [p[1] for p in parts] == [1, 1]  # each part single-threaded: no OpenMP barrier between the cores
+    (_, _, s0, e0, _), (_, _, s1, e1, _) = parts
+    assert s0 < e1 and s1 < e0  # at once
+    assert sorted(p[4] for p in parts) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    # every request gets its own images, whichever part made them, as the unsplit batch would have made them
+    assert [r.seeds for r in results] == [[i] for i in range(8)]
+    assert [r.batch_images for r in results] == [4] * 8 and [r.batch_images for r in alone] == [8] * 8
+    for r, a in zip(results, alone, strict=True):
+        diff = np.abs(np.asarray(r.images[0], np.int16) - np.asarray(a.images[0], np.int16))
+        assert diff.max() <= 1
+
+
+@pytest.mark.anyio
+async def test_a_split_part_that_fails_outside_the_model_fails_only_its_own_requests(models_dir):
+    from fewstep.server.engine import BatchFailed
+
+    engine = _engine(models_dir, cpu_split_images=4)
+    run_batch = engine._run_batch
+
+    def broken(batch, threads=None):
+        if batch[0].seeds == [0]:
+            raise RuntimeError("a bug outside the model calls")
+        return run_batch(batch, threads)
+
+    engine._run_batch = broken
+    try:
+        results = await _whole_batch(engine)
+    finally:
+        _shut(engine)
+    assert all(isinstance(r, BatchFailed) for r in results[:4])
+    assert [r.seeds for r in results[4:]] == [[4], [5], [6], [7]]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "case, parts",
+    [
+        ("split", 2),
+        ("under the images per stream", 1),
+        ("setting 0", 1),
+        ("before the warm-up", 1),
+        ("a stream's batch in flight", 1),
+        ("step by step", 1),
+    ],
+)
+async def test_a_batch_is_split_only_when_it_runs_over_every_thread_and_is_large_enough(models_dir, case, parts):
+    engine = _engine(models_dir, cpu_split_images=0 if case == "setting 0" else 4)
+    jobs = _jobs(7 if case == "under the images per stream" else 8)
+    if case == "step by step":
+        jobs = _jobs(8, "tiny-teacher", 20)
+    for job in jobs:
+        engine.submit(job)
+    engine.warmed_up = case != "before the warm-up"
+    if case == "a stream's batch in flight":
+        engine._helping.add(asyncio.get_running_loop().create_future())
+    engine._main_width = engine._main_threads()  # as _whole sets it
+    try:
+        assert len(engine._split(engine._take_batch())) == parts
+    finally:
+        _shut(engine)
