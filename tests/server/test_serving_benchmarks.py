@@ -1,5 +1,6 @@
 """The serving benchmarks run on the tiny served models: refusal.py (a row per refusal path; the paths' answers
-agree: the script asserts the same 429 bytes), png.py (a row per zlib level), batch_gap.py and interference.py."""
+agree: the script asserts the same 429 bytes), png.py (a row per zlib level), batch_gap.py, interference.py and
+split.py."""
 
 from __future__ import annotations
 
@@ -59,3 +60,16 @@ def test_interference_benchmark_runs_both_layouts_alone_and_beside_a_busy_core(m
     assert len(rows) == 2, run.stdout
     assert rows[0][0].strip().startswith("one batch over") and rows[1][0].strip().endswith("batches of 1 thread")
     assert all(float(r[1]) > 0 and len(r) == 4 for r in rows), run.stdout
+
+
+def test_split_benchmark_measures_both_layouts_for_every_batch_size(models_dir):
+    """benchmarks/split.py: a row per batch size with one team's images/s, the split's and their ratio."""
+    cmd = [sys.executable, "benchmarks/split.py", "--model", str(models_dir / "tiny-student"), "--batches", "2", "4",
+           "--rounds", "1", "--seconds", "0.2"]  # fmt: skip
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    rows = [line.split("|")[1:-1] for line in run.stdout.splitlines() if line.startswith("| ") and "batch" not in line]
+    assert [int(r[0]) for r in rows] == [2, 4], run.stdout
+    for _, team, split, ratio in rows:
+        assert float(team) > 0 and float(split) > 0
+        assert abs(float(ratio) - float(split) / float(team)) < 0.01
