@@ -7,7 +7,8 @@ A setting is FEWSTEP_* environment variables for `fewstep serve` (docs/api.md li
     python benchmarks/ab.py --mode throughput FEWSTEP_PNG_COMPRESS_LEVEL=6 FEWSTEP_PNG_COMPRESS_LEVEL=1
     python benchmarks/ab.py --mode overload FEWSTEP_THREADS=1 default
 
-- throughput: 32 closed-loop clients, 1-step requests: images/s (as benchmarks/serve.py's 32-client row);
+- throughput: 32 closed-loop clients, 1-step requests: images/s (as benchmarks/serve.py's 32-client row), and the
+  batches from /metrics: mean model ms × images per batch, and batches at once (model seconds per second);
 - overload: capacity (32 closed-loop clients for 8 s), then open-loop arrivals at --factor (default 4) times it
   for 12 s: goodput (200s per second) and its share of the capacities measured just before and after (as
   benchmarks/reliability.py's overload section). A factor under 1 shows what open-loop arrivals alone cost,
@@ -20,6 +21,7 @@ import argparse
 import asyncio
 import os
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -50,7 +52,10 @@ def throughput(models: str, setting: str) -> str:
         server = serve.Server(models, max_batch=32, max_wait_ms=5, queue_size=512)
     with server as on:
         serve.throughput(on.url, ONE_STEP, 32, 256)  # warm up
-        return f"{serve.throughput(on.url, ONE_STEP, 32, 1024):.1f} images/s"
+        batches, t0 = reliability.batch_totals(on.url), time.perf_counter()
+        images_per_s = serve.throughput(on.url, ONE_STEP, 32, 1024)
+        at_once = reliability.batches_since(on.url, None, batches, time.perf_counter() - t0)
+        return f"{images_per_s:.1f} images/s (batches: model ms × images, at once: {at_once})"
 
 
 def overload(ctx: reliability.Context, setting: str, factor: float = 4.0) -> str:

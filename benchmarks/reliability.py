@@ -808,9 +808,11 @@ def overload(ctx: Context, sec: Section) -> None:
 
     def measure_capacity() -> tuple[float, Counter, str, str]:
         """-> (images/s, statuses, CPU, batches): its row is added by the caller, after the window it closes."""
-        cpu, batches, t0 = (server.cpu_seconds(), time.process_time()), batch_totals(ctx, server), time.perf_counter()
+        cpu = (server.cpu_seconds(), time.process_time())
+        batches, t0 = batch_totals(server.url, ctx.auth), time.perf_counter()
         capacity, statuses = asyncio.run(closed_loop(server.port, ctx.auth, 32, m.capacity_s))
-        return capacity, statuses, _cpu(server, cpu), _batches(ctx, server, batches, time.perf_counter() - t0)
+        batch_text = batches_since(server.url, ctx.auth, batches, time.perf_counter() - t0)
+        return capacity, statuses, _cpu(server, cpu), batch_text
 
     def capacity_row(label: str, capacity: float, statuses: Counter, cpu_text: str, batches: str) -> None:
         sec.row(label, "-", f"{capacity:.1f}", "-", _outcomes(statuses), "-", cpu_text, batches,
@@ -819,9 +821,9 @@ def overload(ctx: Context, sec: Section) -> None:
     before, *measured = measure_capacity()
     capacity_row("capacity (32 clients)", before, *measured)
     for factor in (2, 4):
-        cpu, batches = (server.cpu_seconds(), time.process_time()), batch_totals(ctx, server)
+        cpu, batches = (server.cpu_seconds(), time.process_time()), batch_totals(server.url, ctx.auth)
         res = asyncio.run(open_loop(server.port, ctx.auth, factor * before, m.load_s, m.inflight_cap, m.patience_s))
-        cpu_text, batch_text = _cpu(server, cpu), _batches(ctx, server, batches, res.elapsed)
+        cpu_text, batch_text = _cpu(server, cpu), batches_since(server.url, ctx.auth, batches, res.elapsed)
         after, *after_measured = measure_capacity()
         capacity = (before + after) / 2
         goodput = res.statuses[200] / res.elapsed
@@ -851,9 +853,9 @@ def overload(ctx: Context, sec: Section) -> None:
     )
 
 
-def batch_totals(ctx: Context, server: Server) -> tuple[float, float, float]:
-    """(model seconds, batches, images) of every batch so far, from the server's /metrics."""
-    text = httpx.get(f"{server.url}/metrics", headers=ctx.auth, timeout=30).text
+def batch_totals(url: str, headers: dict[str, str] | None = None) -> tuple[float, float, float]:
+    """(model seconds, batches, images) of every batch so far, from the /metrics of the server at ``url``."""
+    text = httpx.get(f"{url}/metrics", headers=headers, timeout=30).text
     totals = []
     for name in ("fewstep_batch_inference_seconds_sum", "fewstep_batch_inference_seconds_count",
                  "fewstep_batch_size_images_sum"):  # fmt: skip
@@ -861,8 +863,10 @@ def batch_totals(ctx: Context, server: Server) -> tuple[float, float, float]:
     return totals[0], totals[1], totals[2]
 
 
-def _batches(ctx: Context, server: Server, since: tuple[float, float, float], seconds: float) -> str:
-    model_s, count, images = (now - then for now, then in zip(batch_totals(ctx, server), since, strict=True))
+def batches_since(url: str, headers: dict[str, str] | None, since: tuple[float, float, float], seconds: float) -> str:
+    """The batches since ``since`` (batch_totals then) over ``seconds``: mean model ms × images per batch, and how
+    many batches ran at once on average (model seconds per second)."""
+    model_s, count, images = (now - then for now, then in zip(batch_totals(url, headers), since, strict=True))
     if not count:
         return "none"
     return f"{1000 * model_s / count:.0f} ms × {images / count:.1f}, {model_s / seconds:.2f}"
