@@ -215,6 +215,23 @@ class Server:
             return 0.0
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
+    def thread_cpu(self) -> tuple[float, float]:
+        """(event loop, device threads) CPU seconds so far: the main thread runs uvicorn's loop, the device threads
+        carry their OS name (engine.name_os_thread). Linux; zeros elsewhere."""
+        loop = device = 0.0
+        try:
+            tasks = Path(f"/proc/{self.proc.pid}/task")
+            for task in tasks.iterdir():
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+                if task.name == str(self.proc.pid):
+                    loop += seconds
+                elif (task / "comm").read_text().startswith("fewstep-dev"):
+                    device += seconds
+        except (OSError, AttributeError):  # a thread that ended meanwhile, or no /proc
+            pass
+        return loop, device
+
     def __enter__(self) -> Server:
         return self.start()
 
@@ -795,8 +812,10 @@ def overload(ctx: Context, sec: Section) -> None:
         f"at most {m.patience_s:.0f} s for its answer. Goodput = 200s per second from the first arrival to the last "
         "answer, as a share of the mean of the capacities measured just before and just after its window (a "
         "shared VM's speed drifts by tens of percent within a minute; bracketing the window takes the drift out "
-        "of the ratio). CPU = seconds used by the server process / by the load generator (a small asyncio HTTP "
-        "client, so that the generator leaves the cores to the server). Batches = the window's mean model time and "
+        "of the ratio). CPU = seconds used by the server process (with the share of a core its event-loop thread "
+        "and its device threads took on average: device threads that run less than their batches' share are "
+        "waiting, for the GIL while the loop holds it) / by the load generator (a small asyncio HTTP client, so "
+        "that the generator leaves the cores to the server). Batches = the window's mean model time and "
         "images per batch, and how many ran at once on average (device time / wall time; about 2 in the CPU "
         "throughput mode, docs/api.md \"Engine\"), from /metrics. Expected: goodput ≥ 85% of capacity; only 200 and "
         "429 (each 429 with Retry-After).",
@@ -808,7 +827,7 @@ def overload(ctx: Context, sec: Section) -> None:
 
     def measure_capacity() -> tuple[float, Counter, str, str]:
         """-> (images/s, statuses, CPU, batches): its row is added by the caller, after the window it closes."""
-        cpu = (server.cpu_seconds(), time.process_time())
+        cpu = _cpu_now(server)
         batches, t0 = batch_totals(server.url, ctx.auth), time.perf_counter()
         capacity, statuses = asyncio.run(closed_loop(server.port, ctx.auth, 32, m.capacity_s))
         batch_text = batches_since(server.url, ctx.auth, batches, time.perf_counter() - t0)
@@ -821,7 +840,7 @@ def overload(ctx: Context, sec: Section) -> None:
     before, *measured = measure_capacity()
     capacity_row("capacity (32 clients)", before, *measured)
     for factor in (2, 4):
-        cpu, batches = (server.cpu_seconds(), time.process_time()), batch_totals(server.url, ctx.auth)
+        cpu, batches = _cpu_now(server), batch_totals(server.url, ctx.auth)
         res = asyncio.run(open_loop(server.port, ctx.auth, factor * before, m.load_s, m.inflight_cap, m.patience_s))
         cpu_text, batch_text = _cpu(server, cpu), batches_since(server.url, ctx.auth, batches, res.elapsed)
         after, *after_measured = measure_capacity()
@@ -872,8 +891,14 @@ def batches_since(url: str, headers: dict[str, str] | None, since: tuple[float, 
     return f"{1000 * model_s / count:.0f} ms × {images / count:.1f}, {model_s / seconds:.2f}"
 
 
-def _cpu(server: Server, since: tuple[float, float]) -> str:
-    return f"{server.cpu_seconds() - since[0]:.1f} / {time.process_time() - since[1]:.1f}"
+def _cpu_now(server: Server) -> tuple[float, float, float, float, float]:
+    return (server.cpu_seconds(), *server.thread_cpu(), time.process_time(), time.perf_counter())
+
+
+def _cpu(server: Server, since: tuple[float, float, float, float, float]) -> str:
+    """Server CPU s (loop and device threads' share of a core, on average) / the load generator's CPU s."""
+    total, loop, device, generator, wall = (now - then for now, then in zip(_cpu_now(server), since, strict=True))
+    return f"{total:.1f} (loop {loop / wall:.2f}, device {device / wall:.2f}) / {generator:.1f}"
 
 
 def _outcomes(statuses: Counter) -> str:

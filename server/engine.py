@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import math
 import threading
@@ -152,7 +153,16 @@ def device_executor(name: str = "fewstep-device") -> ThreadPoolExecutor:
     the serving thread's for the same cores (docs/performance.md: HTTP/in-process 2.07× before, 1.00-1.65×
     after, by benchmarks/serve.py).
     """
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix=name, initializer=name_os_thread, initargs=(name,))
+
+
+def name_os_thread(name: str) -> None:
+    """Give the calling thread ``name`` where the OS shows it too (``top -H``, /proc/<pid>/task/*/comm), so that
+    a device thread's CPU can be told from the event loop's (benchmarks/reliability.py's overload rows). Linux
+    only (prctl PR_SET_NAME, at most 15 bytes: "fewstep-device" becomes "fewstep-dev"); a no-op elsewhere."""
+    short = name.replace("fewstep-device", "fewstep-dev").encode()[:15]
+    with contextlib.suppress(AttributeError, OSError):
+        ctypes.CDLL(None).prctl(15, short, 0, 0, 0)
 
 
 @dataclass(eq=False)

@@ -6,6 +6,7 @@ import base64
 import io
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -361,3 +362,17 @@ async def test_a_batch_is_split_only_when_it_runs_over_every_thread_and_is_large
         assert len(engine._split(engine._take_batch())) == parts
     finally:
         _shut(engine)
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="thread names are read from Linux's /proc")
+@pytest.mark.parametrize("name, shown", [("fewstep-device", "fewstep-dev"), ("fewstep-device-1", "fewstep-dev-1")])
+def test_a_device_thread_carries_its_name_where_the_os_shows_it(name, shown):
+    """benchmarks/reliability.py tells the device threads' CPU from the event loop's by these names."""
+    from fewstep.server.engine import device_executor
+
+    executor = device_executor(name)
+    try:
+        comm = executor.submit(lambda: Path(f"/proc/self/task/{threading.get_native_id()}/comm").read_text()).result()
+    finally:
+        executor.shutdown(wait=True)
+    assert comm.strip() == shown
