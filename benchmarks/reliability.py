@@ -220,16 +220,20 @@ class Server:
         carry their OS name (engine.name_os_thread). Linux; zeros elsewhere."""
         loop = device = 0.0
         try:
-            tasks = Path(f"/proc/{self.proc.pid}/task")
-            for task in tasks.iterdir():
+            tasks = list(Path(f"/proc/{self.proc.pid}/task").iterdir())
+        except (OSError, AttributeError):  # no /proc, or no process
+            return loop, device
+        for task in tasks:
+            try:
                 fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-                seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-                if task.name == str(self.proc.pid):
-                    loop += seconds
-                elif (task / "comm").read_text().startswith("fewstep-dev"):
-                    device += seconds
-        except (OSError, AttributeError):  # a thread that ended meanwhile, or no /proc
-            pass
+                comm = (task / "comm").read_text()
+            except OSError:  # a thread that ended meanwhile: the others still count
+                continue
+            seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            if task.name == str(self.proc.pid):
+                loop += seconds
+            elif comm.startswith("fewstep-dev"):
+                device += seconds
         return loop, device
 
     def __enter__(self) -> Server:

@@ -210,9 +210,11 @@ def main() -> int:
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
     on_flags = dict(max_batch=args.max_batch, max_wait_ms=5, queue_size=512)
-    # how the server runs a batch of 32 on this machine's CPU (its defaults): split over streams, or one team
-    streams = Streams.resolve(0, torch.device("cpu"), torch.get_num_threads())
-    splits = streams.count > 1 and 32 >= streams.count * ServeSettings.model_fields["cpu_split_images"].default > 0
+    # how the served batches of max_batch run on this machine's CPU (the servers' settings: defaults and FEWSTEP_*
+    # variables, which they inherit): split over the streams, or one team over every thread
+    served = ServeSettings()
+    streams = Streams.resolve(served.cpu_streams, torch.device("cpu"), served.threads or torch.get_num_threads())
+    splits = streams.count > 1 and args.max_batch >= streams.count * served.cpu_split_images > 0
 
     with Server(args.models, **on_flags) as on:
         models = {m["id"]: m for m in httpx.get(on.url + "/v1/models").json()["data"]}

@@ -161,7 +161,7 @@ def name_os_thread(name: str) -> None:
     a device thread's CPU can be told from the event loop's (benchmarks/reliability.py's overload rows). Linux
     only (prctl PR_SET_NAME, at most 15 bytes: "fewstep-device" becomes "fewstep-dev"); a no-op elsewhere."""
     short = name.replace("fewstep-device", "fewstep-dev").encode()[:15]
-    with contextlib.suppress(AttributeError, OSError):
+    with contextlib.suppress(Exception):  # a name is a nicety: never a reason for the device thread to fail
         ctypes.CDLL(None).prctl(15, short, 0, 0, 0)
 
 
@@ -685,7 +685,7 @@ class Engine:
         else:  # one part per stream, each single-threaded, at once (server/streams.py split_batch)
             self._running = asyncio.gather(
                 *(
-                    loop.run_in_executor(executor, self._run_batch, part, self.streams.per_stream)
+                    loop.run_in_executor(executor, self._run_batch, part, self.streams.per_stream, False)
                     for executor, part in zip((self.executor, *self.helpers), parts, strict=False)
                 ),
                 return_exceptions=True,
@@ -697,7 +697,8 @@ class Engine:
             else:  # a part that failed outside the model calls fails only its own requests
                 results = []
                 for part, outcome in zip(parts, done, strict=True):
-                    results += self._batch_failed(part, outcome) if isinstance(outcome, Exception) else outcome
+                    results += self._batch_failed(part, outcome) if isinstance(outcome, BaseException) else outcome
+                self._record_student(batch[0].model, results)
             self._wholes.append((time.perf_counter(), time.perf_counter() - began))
         except Exception as e:
             results = self._batch_failed(batch, e)
@@ -710,19 +711,32 @@ class Engine:
     def _split(self, batch: list[Job]) -> list[list[Job]]:
         """The parts a whole batch runs as: one per stream when the batch runs over every thread, after the warm-up,
         its model may run on several threads at once (``streamable``) and every part gets ``cpu_split_images``
-        images; else the batch itself."""
+        images (parts are cut between jobs: a batch whose jobs do not split so is not split); else the batch."""
         per_part = self.settings.cpu_split_images
-        images = sum(len(j.seeds) for j in batch)
         if (
             not self.helpers
             or not per_part
             or not self.warmed_up
             or self._main_width != self.streams.threads
             or not batch[0].streamable
-            or images < per_part * self.streams.count
+            or sum(len(j.seeds) for j in batch) < per_part * self.streams.count
         ):
             return [batch]
-        return split_batch(batch, self.streams.count)
+        parts = split_batch(batch, self.streams.count)
+        if len(parts) < 2 or min(sum(len(j.seeds) for j in part) for part in parts) < per_part:
+            return [batch]
+        return parts
+
+    def _record_student(self, model: str, results: list[Result | BaseException]) -> None:
+        """A split batch of a student counts once for its circuit breaker, as the batch would have unsplit (its
+        parts do not record: two parts would count twice, and a success landing last would reset a failure)."""
+        if self.registry.models[model].role != "student":
+            return
+        failed = any(
+            isinstance(r, NotServable) or (isinstance(r, Result) and r.fallback_reason == "student_error")
+            for r in results
+        )
+        (self.breaker.record_failure if failed else self.breaker.record_success)(model)
 
     def _finish(self, batch: list[Job], results: list[Result | BaseException]) -> None:
         """A whole batch's outcomes to its requests; images the quality gate doubted go to the teacher first."""
@@ -966,7 +980,11 @@ class Engine:
         cores), else every thread."""
         return self.streams.per_stream if self.throughput or self._helping else self.streams.threads
 
-    def _run_batch(self, batch: list[Job], threads: int | None = None) -> list[Result | BaseException]:
+    def _run_batch(
+        self, batch: list[Job], threads: int | None = None, breaker: bool = True
+    ) -> list[Result | BaseException]:
+        """``batch`` on the calling device thread with ``threads`` torch threads; ``breaker`` False: a split batch's
+        part, whose student outcome the batch records once (``_record_student``)."""
         threads = threads or self.streams.threads
         use_threads(threads)
         start = time.perf_counter()
@@ -981,7 +999,7 @@ class Engine:
             cond = entry.model.encode(prompts)  # once: a teacher with the same encoder reuses it below
             images = self._generate(entry, prompts, seeds, steps, guidance, size, cond)
             served_by, reasons = entry.name, [job.fallback_reason for job in batch]
-            if entry.role == "student":
+            if entry.role == "student" and breaker:
                 self.breaker.record_success(entry.name)
         except Exception as e:
             if entry.role != "student":
@@ -990,7 +1008,8 @@ class Engine:
                 return [NotServable(f"{entry.name} failed: {e}") for _ in batch]
             # a student that raises or returns non-finite values: the teacher regenerates the batch
             log.warning("student %s failed (%s); the teacher regenerates its batch", entry.name, e)
-            self.breaker.record_failure(entry.name)
+            if breaker:
+                self.breaker.record_failure(entry.name)
             teacher = self.registry.teacher_for(entry.name)
             if teacher is None:
                 self.metrics.error("model_error")

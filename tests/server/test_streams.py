@@ -242,10 +242,12 @@ async def test_a_student_whose_teacher_cannot_run_on_two_threads_stays_on_the_ma
     [
         ([1] * 32, 2, [16, 16]),
         ([8, 8, 8, 8], 2, [16, 16]),
-        ([1] * 7, 2, [4, 3]),  # odd: as even as whole jobs allow
+        ([1] * 7, 2, [3, 4]),  # odd: as even as whole jobs allow
         ([20] + [1] * 12, 2, [20, 12]),  # a job is never cut
+        ([8, 8, 8, 8, 1], 2, [16, 17]),  # the cut nearest the share, not the first past it (24 + 9)
+        ([8, 8, 8], 2, [8, 16]),
         ([32], 2, [32]),  # one job: nothing to split
-        ([1, 31], 2, [32]),  # the second part would be all of it: one part
+        ([1, 31], 2, [1, 31]),
         ([1] * 9, 3, [3, 3, 3]),
         ([1] * 4, 1, [4]),
     ],
@@ -284,14 +286,14 @@ async def _whole_batch(engine, n: int = 8):
 @pytest.mark.anyio
 async def test_a_large_whole_batch_runs_split_over_the_streams_each_part_single_threaded(models_dir):
     split, whole = _engine(models_dir, cpu_split_images=4), _engine(models_dir, cpu_split_images=0)
-    parts = []  # (device thread, its torch threads, start, end, seeds)
+    parts = []  # (device thread, its torch threads, seeds)
     run_batch = split._run_batch
+    both = threading.Barrier(2, timeout=60)  # broken (the part fails) unless the two parts run at once
 
-    def recorded(batch, threads=None):
-        start = time.perf_counter()
-        out = run_batch(batch, threads)
-        parts.append((threading.current_thread().name, torch.get_num_threads(), start, time.perf_counter(),
-                      [s for j in batch for s in j.seeds]))  # fmt: skip
+    def recorded(batch, threads=None, breaker=True):
+        both.wait()
+        out = run_batch(batch, threads, breaker)
+        parts.append((threading.current_thread().name, torch.get_num_threads(), [s for j in batch for s in j.seeds]))
         return out
 
     split._run_batch = recorded
@@ -303,9 +305,7 @@ async def test_a_large_whole_batch_runs_split_over_the_streams_each_part_single_
         _shut(whole)
     assert sorted(p[0] for p in parts) == ["fewstep-device-1_0", "fewstep-device_0"]
     assert [p[1] for p in parts] == [1, 1]  # each part single-threaded: no OpenMP barrier between the cores
-    (_, _, s0, e0, _), (_, _, s1, e1, _) = parts
-    assert s0 < e1 and s1 < e0  # at once
-    assert sorted(p[4] for p in parts) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert sorted(p[2] for p in parts) == [[0, 1, 2, 3], [4, 5, 6, 7]]
     # every request gets its own images, whichever part made them, as the unsplit batch would have made them
     assert [r.seeds for r in results] == [[i] for i in range(8)]
     assert [r.batch_images for r in results] == [4] * 8 and [r.batch_images for r in alone] == [8] * 8
@@ -321,10 +321,10 @@ async def test_a_split_part_that_fails_outside_the_model_fails_only_its_own_requ
     engine = _engine(models_dir, cpu_split_images=4)
     run_batch = engine._run_batch
 
-    def broken(batch, threads=None):
+    def broken(batch, threads=None, breaker=True):
         if batch[0].seeds == [0]:
             raise RuntimeError("a bug outside the model calls")
-        return run_batch(batch, threads)
+        return run_batch(batch, threads, breaker)
 
     engine._run_batch = broken
     try:
@@ -341,6 +341,7 @@ async def test_a_split_part_that_fails_outside_the_model_fails_only_its_own_requ
     [
         ("split", 2),
         ("under the images per stream", 1),
+        ("jobs that do not split evenly enough", 1),
         ("setting 0", 1),
         ("before the warm-up", 1),
         ("a stream's batch in flight", 1),
@@ -350,6 +351,9 @@ async def test_a_split_part_that_fails_outside_the_model_fails_only_its_own_requ
 async def test_a_batch_is_split_only_when_it_runs_over_every_thread_and_is_large_enough(models_dir, case, parts):
     engine = _engine(models_dir, cpu_split_images=0 if case == "setting 0" else 4)
     jobs = _jobs(7 if case == "under the images per stream" else 8)
+    if case == "jobs that do not split evenly enough":  # 6 + 1 + 1: parts of 6 and 2, under 4 images each
+        jobs = _jobs(3)
+        jobs[0].seeds = list(range(100, 106))
     if case == "step by step":
         jobs = _jobs(8, "tiny-teacher", 20)
     for job in jobs:
@@ -376,3 +380,29 @@ def test_a_device_thread_carries_its_name_where_the_os_shows_it(name, shown):
     finally:
         executor.shutdown(wait=True)
     assert comm.strip() == shown
+
+
+@pytest.mark.anyio
+async def test_a_split_batch_of_a_failing_student_counts_once_for_its_circuit_breaker(models_dir):
+    """Its parts fail on two threads; the breaker hears of one failed batch, as it would of the batch unsplit (and
+    a healthy split batch is one success)."""
+    engine = _engine(models_dir, cpu_split_images=4)
+    calls = []
+    record_failure, record_success = engine.breaker.record_failure, engine.breaker.record_success
+    engine.breaker.record_failure = lambda name: (calls.append(("failure", name)), record_failure(name))
+    engine.breaker.record_success = lambda name: (calls.append(("success", name)), record_success(name))
+    try:
+        healthy = await _whole_batch(engine)
+        assert all(r.served_by == "tiny-student" for r in healthy) and calls == [("success", "tiny-student")]
+        calls.clear()
+        student = engine.registry.models["tiny-student"].model
+        generate = student.generate
+        student.generate = lambda *a, **kw: generate(*a, **kw) * float("nan")  # non-finite: the teacher redoes it
+        try:
+            results = await _whole_batch(engine)
+        finally:
+            student.generate = generate
+    finally:
+        _shut(engine)
+    assert all(r.served_by == "tiny-teacher" and r.fallback_reason == "student_error" for r in results)
+    assert calls == [("failure", "tiny-student")]
