@@ -210,10 +210,9 @@ class Server:
     def cpu_seconds(self) -> float:
         """User + system CPU time of the server process so far (Linux; 0 elsewhere)."""
         try:
-            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return _stat_cpu_seconds(Path(f"/proc/{self.proc.pid}/stat").read_text())
         except (OSError, AttributeError):
             return 0.0
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def thread_cpu(self) -> tuple[float, float]:
         """(event loop, device threads) CPU seconds so far: the main thread runs uvicorn's loop, the device threads
@@ -225,11 +224,9 @@ class Server:
             return loop, device
         for task in tasks:
             try:
-                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-                comm = (task / "comm").read_text()
+                seconds, comm = _stat_cpu_seconds((task / "stat").read_text()), (task / "comm").read_text()
             except OSError:  # a thread that ended meanwhile: the others still count
                 continue
-            seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
             if task.name == str(self.proc.pid):
                 loop += seconds
             elif comm.startswith("fewstep-dev"):
@@ -818,9 +815,9 @@ def overload(ctx: Context, sec: Section) -> None:
         "shared VM's speed drifts by tens of percent within a minute; bracketing the window takes the drift out "
         "of the ratio). CPU = seconds used by the server process (with the share of a core its event-loop thread "
         "and its device threads took on average: device threads that run less than their batches' share are "
-        "waiting, for the GIL while the loop holds it) / by the load generator (a small asyncio HTTP client, so "
-        "that the generator leaves the cores to the server). Batches = the window's mean model time and "
-        "images per batch, and how many ran at once on average (device time / wall time; about 2 in the CPU "
+        "waiting, for a core or for the GIL while the loop holds it) / by the load generator (a small asyncio "
+        "HTTP client, so that the generator leaves the cores to the server). Batches = the window's mean model "
+        "time and images per batch, and how many ran at once on average (device time / wall time; about 2 in the CPU "
         "throughput mode, docs/api.md \"Engine\"), from /metrics. Expected: goodput ≥ 85% of capacity; only 200 and "
         "429 (each 429 with Retry-After).",
         ["load", "offered", "goodput (img/s)", "% of capacity", "outcomes", "p50 / p99 ms of 200s", "CPU s",
@@ -893,6 +890,12 @@ def batches_since(url: str, headers: dict[str, str] | None, since: tuple[float, 
     if not count:
         return "none"
     return f"{1000 * model_s / count:.0f} ms × {images / count:.1f}, {model_s / seconds:.2f}"
+
+
+def _stat_cpu_seconds(stat: str) -> float:
+    """User + system CPU seconds from a /proc/<pid>/stat (or /proc/<pid>/task/<tid>/stat) line."""
+    fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _cpu_now(server: Server) -> tuple[float, float, float, float, float]:
