@@ -214,14 +214,16 @@ class Server:
         except (OSError, AttributeError):
             return 0.0
 
-    def thread_cpu(self) -> tuple[float, float]:
-        """(event loop, device threads) CPU seconds so far: the main thread runs uvicorn's loop, the device threads
-        carry their OS name (engine.name_os_thread). Linux; zeros elsewhere."""
-        loop = device = 0.0
+    def thread_cpu(self) -> tuple[float, float, float]:
+        """(event loop, device threads) CPU seconds so far, and the seconds the device threads spent runnable but
+        waiting for a core (the scheduler's run-queue wait, /proc schedstat; 0 where the kernel keeps none): the
+        main thread runs uvicorn's loop, the device threads carry their OS name (engine.name_os_thread). Linux;
+        zeros elsewhere."""
+        loop = device = waiting = 0.0
         try:
             tasks = list(Path(f"/proc/{self.proc.pid}/task").iterdir())
         except (OSError, AttributeError):  # no /proc, or no process
-            return loop, device
+            return loop, device, waiting
         for task in tasks:
             try:
                 seconds, comm = _stat_cpu_seconds((task / "stat").read_text()), (task / "comm").read_text()
@@ -231,7 +233,8 @@ class Server:
                 loop += seconds
             elif comm.startswith("fewstep-dev"):
                 device += seconds
-        return loop, device
+                waiting += _run_queue_seconds(task)
+        return loop, device, waiting
 
     def __enter__(self) -> Server:
         return self.start()
@@ -814,8 +817,9 @@ def overload(ctx: Context, sec: Section) -> None:
         "answer, as a share of the mean of the capacities measured just before and just after its window (a "
         "shared VM's speed drifts by tens of percent within a minute; bracketing the window takes the drift out "
         "of the ratio). CPU = seconds used by the server process (with the share of a core its event-loop thread "
-        "and its device threads took on average: device threads that run less than their batches' share are "
-        "waiting, for a core or for the GIL while the loop holds it) / by the load generator (a small asyncio "
+        "and its device threads took on average, and the share of a core the device threads spent runnable but "
+        "waiting for a core, from the scheduler's /proc schedstat: a batch's time that is neither is time blocked, "
+        "on the GIL while another thread holds it) / by the load generator (a small asyncio "
         "HTTP client, so that the generator leaves the cores to the server). Batches = the window's mean model "
         "time and images per batch, and how many ran at once on average (device time / wall time; about 2 in the CPU "
         "throughput mode, docs/api.md \"Engine\"), from /metrics. Expected: goodput ≥ 85% of capacity; only 200 and "
@@ -898,14 +902,28 @@ def _stat_cpu_seconds(stat: str) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _cpu_now(server: Server) -> tuple[float, float, float, float, float]:
+def _run_queue_seconds(task: Path) -> float:
+    """Seconds a thread has spent runnable, waiting for a core: the second field of its schedstat (ns)."""
+    try:
+        return int((task / "schedstat").read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):  # a kernel without schedstats, or the thread ended
+        return 0.0
+
+
+def _cpu_now(server: Server) -> tuple[float, ...]:
     return (server.cpu_seconds(), *server.thread_cpu(), time.process_time(), time.perf_counter())
 
 
-def _cpu(server: Server, since: tuple[float, float, float, float, float]) -> str:
-    """Server CPU s (loop and device threads' share of a core, on average) / the load generator's CPU s."""
-    total, loop, device, generator, wall = (now - then for now, then in zip(_cpu_now(server), since, strict=True))
-    return f"{total:.1f} (loop {loop / wall:.2f}, device {device / wall:.2f}) / {generator:.1f}"
+def _cpu(server: Server, since: tuple[float, ...]) -> str:
+    """Server CPU s (the loop's and the device threads' share of a core on average, and the device threads' share
+    of a core spent waiting for one) / the load generator's CPU s."""
+    total, loop, device, waiting, generator, wall = (
+        now - then for now, then in zip(_cpu_now(server), since, strict=True)
+    )
+    return (
+        f"{total:.1f} (loop {loop / wall:.2f}, device {device / wall:.2f} + {waiting / wall:.2f} waiting for a core)"
+        f" / {generator:.1f}"
+    )
 
 
 def _outcomes(statuses: Counter) -> str:

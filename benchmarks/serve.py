@@ -7,7 +7,9 @@ and measures, with real HTTP clients (benchmarks/loadgen.py's raw HTTP/1.1 conne
 the server's request path, not a Python client's own cost; one row repeats the 1-step latency through httpx):
 - p50/p99 latency of the default (best) student at 1, 2 and 4 steps and of the teacher at its default steps;
 - the teacher / 1-step latency ratio;
-- HTTP p50 versus in-process generation (+ PNG encoding) of the same 1-step request;
+- HTTP p50 versus in-process generation (+ PNG encoding) of the same 1-step request, and 32 batched clients'
+  images/s versus the model's own at batch 32 (one team over every thread, and split as the server runs it), in
+  interleaved blocks on one warm server (``compare``: the figure is the median of the blocks' ratios);
 - images/s at 1 and 32 concurrent clients, batching on versus off.
 """
 
@@ -23,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -153,49 +156,89 @@ def throughput(url: str, payload: dict, clients: int, total: int) -> float:
     return asyncio.run(_throughput(url, payload, clients, total))
 
 
-def in_process_ms(model_dir: Path, steps: int, n: int) -> list[float]:
-    from fewstep.models.images import encode, to_pil
-    from fewstep.models.pipeline import TextToImage
+class InProcess:
+    """The default student run in this process, as the server runs it but without the request path: the ceiling
+    each HTTP figure is compared with. Loaded once, so that a comparison block takes seconds."""
 
-    model = TextToImage.load(model_dir)
-    model.generate(["warm up"], [0], steps=steps)
-    out = []
-    for i in range(n):
+    def __init__(self, model_dir: Path, steps: int, streams: int):
+        from fewstep.models.pipeline import TextToImage
+
+        self.model, self.steps = TextToImage.load(model_dir), steps
+        self.layouts = Layouts(self.model, streams, torch.get_num_threads(), steps)  # one team, or split (split.py)
+        self.model.generate(["warm up"], [0], steps=steps)
+        self.layouts.one_team(list(range(32)))
+        if streams > 1:
+            self.layouts.split(list(range(32)))
+
+    def latency_ms(self, n: int) -> list[float]:
+        """n sequential 1-image generations + PNG encoding, what a 1-step request asks of the server."""
+        from fewstep.models.images import encode, to_pil
+
+        out = []
+        for i in range(n):
+            t0 = time.perf_counter()
+            encode(to_pil(self.model.generate(["a red 7 on black"], [1000 + i], steps=self.steps))[0])
+            out.append(1000 * (time.perf_counter() - t0))
+        return out
+
+    def images_per_s(self, batch: int, batches: int, split: bool = False) -> float:
+        """Images/s at ``batch`` images per call, to PIL (before PNG encoding), as one team over every thread or
+        split over single-threaded parts at once as the server runs a batch this large on a CPU (server/engine.py
+        ``_split``; benchmarks/split.py)."""
+        run = self.layouts.split if split else self.layouts.one_team
         t0 = time.perf_counter()
-        encode(to_pil(model.generate(["a red 7 on black"], [1000 + i], steps=steps))[0])
-        out.append(1000 * (time.perf_counter() - t0))
+        for r in range(batches):
+            run([r * batch + i for i in range(batch)])
+        return batches * batch / (time.perf_counter() - t0)
+
+    def close(self) -> None:
+        self.layouts.close()
+
+
+@dataclass
+class Block:
+    """One comparison block: each side measured right after the other (per block, which goes first alternates)."""
+
+    http_ms: float  # p50 of the block's sequential 1-step requests over HTTP
+    local_ms: float  # p50 of the same in-process
+    http_32: float  # images/s of 32 closed-loop clients
+    local_32: float  # in-process batch 32, one team
+    split_32: float | None  # in-process batch 32 split, when the server splits such a batch
+
+
+def compare(url: str, local: InProcess, payload: dict, blocks: int, requests: int, total: int, splits: bool):
+    """HTTP against in-process in ``blocks`` short interleaved blocks on one warm server: on a shared VM whose speed
+    moves by tens of percent within seconds, each ratio is taken between measurements a second or two apart, and
+    the figure is the median of the blocks' ratios (a single slow stretch moves one block, not the figure)."""
+    out = []
+    for b in range(blocks):
+        http_first = b % 2 == 0
+
+        def served() -> tuple[float, float]:
+            return percentile(latencies(url, payload, requests)[1], 50), throughput(url, payload, 32, total)
+
+        def in_process() -> tuple[float, float, float | None]:
+            ms = percentile(local.latency_ms(requests), 50)
+            team = local.images_per_s(32, total // 32)
+            return ms, team, local.images_per_s(32, total // 32, split=True) if splits else None
+
+        if http_first:
+            (http_ms, http_32), (local_ms, local_32, split_32) = served(), in_process()
+        else:
+            (local_ms, local_32, split_32), (http_ms, http_32) = in_process(), served()
+        out.append(Block(http_ms, local_ms, http_32, local_32, split_32))
+        split_text = f" / {split_32:.1f}" if split_32 is not None else ""
+        text = f"{http_ms:.1f} / {local_ms:.1f} ms, {http_32:.1f} / {local_32:.1f}{split_text} images/s"
+        print(f"block {b + 1}/{blocks}: {text}", file=sys.stderr, flush=True)
     return out
 
 
-def in_process_images_per_s(model_dir: Path, steps: int, batch: int, rounds: int) -> float:
-    """Images/s of the model itself at ``batch`` images per call, to PIL (before PNG encoding): the ceiling that
-    batched HTTP serving is compared with."""
-    from fewstep.models.images import to_pil
-    from fewstep.models.pipeline import TextToImage
-
-    model = TextToImage.load(model_dir)
-    prompts = ["a red 7 on black"] * batch
-    to_pil(model.generate(prompts, list(range(batch)), steps=steps))
-    t0 = time.perf_counter()
-    for r in range(rounds):
-        to_pil(model.generate(prompts, [r * batch + i for i in range(batch)], steps=steps))
-    return rounds * batch / (time.perf_counter() - t0)
-
-
-def in_process_split_images_per_s(model_dir: Path, steps: int, batch: int, rounds: int, streams: int) -> float:
-    """The same, with each batch split over ``streams`` single-threaded parts at once, as the server runs a batch
-    this large on a CPU (server/engine.py ``_split``; benchmarks/split.py): the ceiling for the same work."""
-    from fewstep.models.pipeline import TextToImage
-
-    layouts = Layouts(TextToImage.load(model_dir), streams, torch.get_num_threads(), steps)
-    try:
-        layouts.split(list(range(batch)))
-        t0 = time.perf_counter()
-        for r in range(rounds):
-            layouts.split([r * batch + i for i in range(batch)])
-        return rounds * batch / (time.perf_counter() - t0)
-    finally:
-        layouts.close()
+def spread(ratios: list[float], fmt: str, unit: str = "") -> str:
+    """The median of the blocks' ratios, and the middle half of them: "m (middle half a–b)"."""
+    m, q1, q3 = (
+        format(x, fmt) + unit for x in (statistics.median(ratios), percentile(ratios, 25), percentile(ratios, 75))
+    )
+    return f"{m} (middle half {q1}–{q3})"
 
 
 def main() -> int:
@@ -205,10 +248,12 @@ def main() -> int:
     p.add_argument("--total", type=int, default=1024, help="timed requests per throughput row")
     p.add_argument("--out", default="docs/performance.md")
     p.add_argument("--max-batch", type=int, default=32, help="the batching server's max_batch (default 32)")
-    p.add_argument("--rounds", type=int, default=3, help="rounds of the HTTP / in-process comparison (default 3)")
+    p.add_argument("--blocks", type=int, default=8, help="interleaved blocks of the HTTP / in-process comparison")
+    p.add_argument("--block-requests", type=int, default=10, help="sequential 1-step requests per side of a block")
+    p.add_argument("--block-total", type=int, default=256, help="images per side of a block's throughput (32 × n)")
     args = p.parse_args()
-    if args.rounds < 1:
-        p.error("--rounds must be at least 1")
+    if args.blocks < 1 or args.block_requests < 1 or args.block_total < 32:
+        p.error("--blocks and --block-requests must be at least 1, --block-total at least 32")
     on_flags = dict(max_batch=args.max_batch, max_wait_ms=5, queue_size=512)
     # how the served batches of max_batch run on this machine's CPU (the servers' settings: defaults and FEWSTEP_*
     # variables, which they inherit): split over the streams, or one team over every thread
@@ -218,13 +263,13 @@ def main() -> int:
 
     with Server(args.models, **on_flags) as on:
         models = {m["id"]: m for m in httpx.get(on.url + "/v1/models").json()["data"]}
-        student = next(m for m in models.values() if m["default"])
-        # the default student's teacher (a models directory may hold more than one teacher, e.g. a compressed one)
-        teacher = models.get(student["teacher"]) or next(m for m in models.values() if m["role"] == "teacher")
         rows = []
         for steps in (1, 2, 4):  # unnamed requests: the server routes each to the best student for its steps
             served_by, ms = latencies(on.url, {"prompt": "a red 7 on black", "steps": steps}, args.requests)
             rows.append((served_by, steps, ms))
+        student = models[rows[0][0]]  # the student that serves unnamed 1-step requests (healthy, fewest steps)
+        # its teacher (a models directory may hold more than one teacher, e.g. a compressed one)
+        teacher = models.get(student["teacher"]) or next(m for m in models.values() if m["role"] == "teacher")
         served_by, ms = latencies(
             on.url, {"prompt": "a red 7 on black", "model": teacher["id"]}, max(5, args.requests // 4)
         )
@@ -242,34 +287,22 @@ def main() -> int:
         one_step = {"prompt": "a red 7 on black", "steps": min(student["supported_steps"])}
         _, sdk_ms = latencies(on.url, one_step, args.requests, client="httpx")
         tput_on = {c: throughput(on.url, one_step, c, args.total) for c in (1, 32)}
-        first = percentile(latencies(on.url, one_step, args.requests)[1], 50), tput_on[32]  # round 1's HTTP side
-    # HTTP against in-process, in rounds: each round serves, then runs the model in this process right after, so
-    # that the VM's drift (its speed moves by tens of percent over minutes) falls inside a round, not between
-    # the two sides; the figures are the medians of the rounds' ratios
-    student_dir, steps_1 = Path(args.models) / student["id"], one_step["steps"]
-    compared = []  # per round: (HTTP p50 ms, in-process p50 ms, HTTP images/s at 32 clients, in-process batch 32)
-    for r in range(args.rounds):
-        if r == 0:
-            http_ms, http_32 = first
-        else:
-            with Server(args.models, **on_flags) as on:
-                http_ms = percentile(latencies(on.url, one_step, args.requests)[1], 50)
-                http_32 = throughput(on.url, one_step, 32, args.total)
-        local_ms = percentile(in_process_ms(student_dir, steps_1, args.requests), 50)
-        local_32 = in_process_images_per_s(student_dir, steps_1, 32, args.total // 32)
-        split_32 = (
-            in_process_split_images_per_s(student_dir, steps_1, 32, args.total // 32, streams.count) if splits else None
-        )
-        compared.append((http_ms, local_ms, http_32, local_32, split_32))
+        # HTTP against in-process on this warm server, in interleaved blocks (compare)
+        local = InProcess(Path(args.models) / student["id"], one_step["steps"], streams.count)
+        try:
+            blocks = compare(on.url, local, one_step, args.blocks, args.block_requests, args.block_total, splits)
+        finally:
+            local.close()
     with Server(args.models, max_batch=1, max_wait_ms=0, queue_size=512) as off:
         tput_off = {c: throughput(off.url, one_step, c, args.total) for c in (1, 32)}
-    lat_ratio = statistics.median(c[0] / c[1] for c in compared)
-    tput_ratio = statistics.median(c[2] / c[3] for c in compared)
-    split_ratio = statistics.median(c[2] / c[4] for c in compared) if splits else None
-    per_round = "; ".join(
-        f"round {i + 1}: {h:.1f} / {loc:.1f} ms, {h32:.1f} / {l32:.1f}"
-        + (f" / {s32:.1f}" if s32 is not None else "") + " images/s"
-        for i, (h, loc, h32, l32, s32) in enumerate(compared))  # fmt: skip
+    n = len(blocks)
+    lat_ratio = spread([b.http_ms / b.local_ms for b in blocks], ".2f", "×")
+    tput_ratio = spread([b.http_32 / b.local_32 for b in blocks], ".0%")
+    split_ratio = spread([b.http_32 / b.split_32 for b in blocks if b.split_32], ".0%") if splits else None
+    per_block = "; ".join(
+        f"{i + 1}: {b.http_ms:.1f} / {b.local_ms:.1f} ms, {b.http_32:.1f} / {b.local_32:.1f}"
+        + (f" / {b.split_32:.1f}" if b.split_32 is not None else "") + " images/s"
+        for i, b in enumerate(blocks))  # fmt: skip
 
     p50 = {(m, s): percentile(xs, 50) for m, s, xs in rows}
     student_1 = p50.get((student["id"], min(student["supported_steps"])))
@@ -290,18 +323,18 @@ def main() -> int:
             for m in guided
             if (m["id"], m["default_steps"]) in p50 and (m.get("teacher"), m["default_steps"]) in p50
         ],
-        f"| HTTP p50 / in-process p50, 1 step (median of {len(compared)} rounds) | {lat_ratio:.2f}× | ≤ 1.2× |",
-        f"| the same through httpx (the SDK's client; its own cost included; round 1) | "
-        f"{percentile(sdk_ms, 50) / compared[0][1]:.2f}× ({percentile(sdk_ms, 50):.1f} ms) | |",
+        f"| HTTP p50 / in-process p50, 1 step (median of {n} blocks) | {lat_ratio} | ≤ 1.2× |",
+        f"| the same through httpx (the SDK's client; its own cost included; against block 1) | "
+        f"{percentile(sdk_ms, 50) / blocks[0].local_ms:.2f}× ({percentile(sdk_ms, 50):.1f} ms) | |",
         f"| images/s, 1 client, batching on / off | {tput_on[1]:.1f} / {tput_off[1]:.1f} | |",
         f"| images/s, 32 clients, batching on / off | {tput_on[32]:.1f} / {tput_off[32]:.1f} | |",
         f"| 32 clients batched / serial batch-1 (1 client, batching off) | {tput_on[32] / tput_off[1]:.1f}× | ≥ 5× |",
-        f"| 32 clients batched over HTTP / in-process batch 32 (before PNG; median of {len(compared)} rounds) | "
-        f"{tput_ratio:.0%} | ≥ 80% |",
+        f"| 32 clients batched over HTTP / in-process batch 32 (before PNG; median of {n} blocks) | "
+        f"{tput_ratio} | ≥ 80% |",
         *(
             [
                 f"| the same / in-process batch 32 split over {streams.count} single-threaded parts at once, as the "
-                f"server runs it (median of {len(compared)} rounds) | {split_ratio:.0%} | |"
+                f"server runs it (median of {n} blocks) | {split_ratio} | |"
             ]
             if splits
             else []
@@ -319,9 +352,9 @@ def main() -> int:
         + "\n".join(lines)
         + "\n\n"
         "## Summary\n\n" + "\n".join(summary) + "\n\n"
-        "HTTP / in-process rounds (1-step p50; images/s at 32 clients / batch 32"
+        "HTTP / in-process blocks (1-step p50; images/s at 32 clients / batch 32"
         + (" / batch 32 split" if splits else "")
-        + f"): {per_round}.\n"
+        + f"): {per_block}.\n"
     )
     out = Path(args.out)
     previous = out.read_text() if out.exists() else ""

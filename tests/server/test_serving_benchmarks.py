@@ -4,6 +4,7 @@ split.py."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -73,3 +74,20 @@ def test_split_benchmark_measures_both_layouts_for_every_batch_size(models_dir):
     for _, team, split, ratio in rows:
         assert float(team) > 0 and float(split) > 0
         assert abs(float(ratio) - float(split) / float(team)) < 0.01
+
+
+def test_serve_benchmark_compares_http_with_in_process_in_interleaved_blocks(models_dir, tmp_path):
+    """benchmarks/serve.py end to end on the tiny models: the latency table, and the HTTP / in-process figures as
+    medians of interleaved blocks, each block printed with both sides."""
+    out = tmp_path / "performance.md"
+    cmd = [sys.executable, "benchmarks/serve.py", "--models", str(models_dir), "--requests", "3", "--total", "64",
+           "--blocks", "3", "--block-requests", "2", "--block-total", "32", "--out", str(out)]  # fmt: skip
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    text = out.read_text()
+    blocks = re.findall(r"(\d+): ([\d.]+) / ([\d.]+) ms, ([\d.]+) / ([\d.]+)(?: / ([\d.]+))? images/s", text)
+    assert [int(b[0]) for b in blocks] == [1, 2, 3], text
+    http_ms = sorted(float(b[1]) / float(b[2]) for b in blocks)
+    row = next(line for line in text.splitlines() if line.startswith("| HTTP p50 / in-process p50"))
+    assert row.split("|")[2].strip().startswith(f"{http_ms[1]:.2f}× (middle half"), row  # the median block
+    assert "| 32 clients batched over HTTP / in-process batch 32 (before PNG; median of 3 blocks) |" in text
