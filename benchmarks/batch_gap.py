@@ -3,8 +3,10 @@
 With 32 clients and batches of 32 the device waits, after each batch, while the event loop answers the batch and
 reads the next 32 requests; that gap is what separates the served images/s from the model's own. This script
 times it from inside the server: it starts `fewstep serve` in a child process with timestamps hooked onto the
-engine and uvicorn (batch start and end, each response sent, each request's headers in, each job queued), runs
-the clients, and prints the medians over the last batches, in milliseconds after the device's end of a batch.
+engine and uvicorn (batch start and end, each response sent, each request's headers in, each job queued, each
+model call), runs the clients, and prints the medians over the last batches, in milliseconds after the device's
+end of a batch; then the batch's own length, and its fastest and slowest model call (the parts of a split batch
+run at once: the batch lasts as long as its slowest).
 
     python benchmarks/batch_gap.py [--models zoo] [--model NAME] [--rounds 24] [--max-wait-ms 5]
 
@@ -53,6 +55,17 @@ def _child(events_file: str, argv: list[str]) -> None:
 
         return timed
 
+    # each model call on its device thread: a whole batch, or one part of a split batch (its duration)
+    def wrap_run(run):
+        def timed(self, batch, *a, **kw):
+            t0 = now()
+            try:
+                return run(self, batch, *a, **kw)
+            finally:
+                events.append(("part", now(), len(batch), now() - t0))  # list.append: safe from any thread
+
+        return timed
+
     def wrap_enqueue(enqueue):
         def timed(self, job):
             events.append(("queued", now(), 0))
@@ -78,6 +91,7 @@ def _child(events_file: str, argv: list[str]) -> None:
     engine.Engine._whole = wrap_whole(engine.Engine._whole)
     engine.Engine._finish = wrap_finish(engine.Engine._finish)
     engine.Engine._enqueue = wrap_enqueue(engine.Engine._enqueue)
+    engine.Engine._run_batch = wrap_run(engine.Engine._run_batch)
     h11_impl.RequestResponseCycle.__init__ = wrap_cycle(h11_impl.RequestResponseCycle.__init__)
     h11_impl.RequestResponseCycle.send = wrap_send(h11_impl.RequestResponseCycle.send)
     atexit.register(lambda: Path(events_file).write_text(json.dumps(events)))
@@ -106,6 +120,9 @@ def gaps(events: list, last: int) -> dict[str, float]:
             "next batch starts (the gap)": at("device_start", min),
             "the batch itself": 1000 * (events[b][1] - events[s][1]),
         }  # fmt: skip
+        parts = [1000 * e[3] for e in events[s:b] if e[0] == "part"]  # its model calls: one, or a split's parts
+        row["its fastest part (model call)"] = min(parts, default=None)
+        row["its slowest part"] = max(parts, default=None)
         if None not in row.values():
             rows.append(row)
     rows = rows[-last:]
