@@ -37,7 +37,8 @@ def test_png_benchmark_times_every_level(models_dir):
 
 def test_batch_gap_benchmark_times_the_gap_between_batches(models_dir):
     """benchmarks/batch_gap.py: hooks inside a real `fewstep serve` child, 32 lockstep clients, one row per event
-    (each after the device's end of a batch, the next batch's start after the last job is queued)."""
+    (each after the device's end of a batch, the next batch's start after the last job is queued), then the
+    batch's length and its fastest and slowest model call."""
     # a fill wait long enough that the tiny model's batches are all 32, as the zoo's are at 5 ms
     cmd = [sys.executable, "benchmarks/batch_gap.py", "--models", str(models_dir), "--model", "tiny-student",
            "--rounds", "4", "--max-wait-ms", "100"]  # fmt: skip
@@ -45,9 +46,10 @@ def test_batch_gap_benchmark_times_the_gap_between_batches(models_dir):
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     rows = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in run.stdout.splitlines()
             if line.startswith("| ") and not line.startswith("| event")}  # fmt: skip
-    assert len(rows) == 6, run.stdout
+    assert len(rows) == 8, run.stdout
     assert rows["next batch starts (the gap)"] >= rows["last job queued"] >= rows["first request's headers in"] > 0
-    assert rows["the batch itself"] > 0
+    # the model calls run inside the batch the event loop sees (medians of per-batch values: a little slack)
+    assert 0 < rows["its fastest part (model call)"] <= rows["its slowest part"] <= 1.05 * rows["the batch itself"]
 
 
 def test_interference_benchmark_runs_both_layouts_alone_and_beside_a_busy_core(models_dir):
