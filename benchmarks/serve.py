@@ -160,10 +160,10 @@ class InProcess:
     """The default student run in this process, as the server runs it but without the request path: the ceiling
     each HTTP figure is compared with. Loaded once, so that a comparison block takes seconds."""
 
-    def __init__(self, model_dir: Path, steps: int, streams: int):
+    def __init__(self, model_dir: Path, steps: int, streams: int, graphs: bool):
         from fewstep.models.pipeline import TextToImage
 
-        self.model, self.steps = TextToImage.load(model_dir), steps
+        self.model, self.steps = TextToImage.load(model_dir).use_graphs(graphs), steps  # graphs: as the server
         self.layouts = Layouts(self.model, streams, torch.get_num_threads(), steps)  # one team, or split (split.py)
         self.model.generate(["warm up"], [0], steps=steps)
         self.layouts.one_team(list(range(32)))
@@ -288,7 +288,7 @@ def main() -> int:
         _, sdk_ms = latencies(on.url, one_step, args.requests, client="httpx")
         tput_on = {c: throughput(on.url, one_step, c, args.total) for c in (1, 32)}
         # HTTP against in-process on this warm server, in interleaved blocks (compare)
-        local = InProcess(Path(args.models) / student["id"], one_step["steps"], streams.count)
+        local = InProcess(Path(args.models) / student["id"], one_step["steps"], streams.count, served.cpu_graphs)
         try:
             blocks = compare(on.url, local, one_step, args.blocks, args.block_requests, args.block_total, splits)
         finally:

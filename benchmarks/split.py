@@ -8,7 +8,8 @@ split: one part per stream, each on its own device thread with its share of the 
 the engine runs them (the split's parts on persistent threads, joined before the next batch), and prints images/s
 per batch size: the data behind ``cpu_split_images``' default. A team over every core waits at every op's
 barrier; a split part pays none, but each part's ops hold the GIL while torch dispatches them, so small batches,
-whose ops are mostly that fixed cost, run better as one team. Rounds alternate the layouts (a shared VM's speed
+whose ops are mostly that fixed cost, run better as one team. The model runs as the server runs it: as frozen
+graphs unless FEWSTEP_CPU_GRAPHS=false (models/graphs.py). Rounds alternate the layouts (a shared VM's speed
 drifts by tens of percent).
 """
 
@@ -74,7 +75,9 @@ def main() -> int:
     from fewstep.models.pipeline import TextToImage
 
     threads = torch.get_num_threads()
-    model = TextToImage.load(Path(args.model))
+    from fewstep.server.settings import ServeSettings
+
+    model = TextToImage.load(Path(args.model)).use_graphs(ServeSettings().cpu_graphs)  # as the server runs it
     layouts = Layouts(model, args.streams, threads)
     results: dict[tuple[int, str], list[float]] = {}
     try:

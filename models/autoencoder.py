@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fewstep.models import graphs
 from fewstep.models.config import AutoencoderConfig
 
 
@@ -73,6 +74,12 @@ class Autoencoder(nn.Module):
         self.cfg = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
+        self.graphs: graphs.Graphs | None = None  # decode as frozen graphs (use_graphs); never saved
+
+    def use_graphs(self, on: bool = True) -> Autoencoder:
+        """Inference decoding as frozen TorchScript graphs that run without the GIL (models/graphs.py)."""
+        self.graphs = graphs.Graphs(self, self._decode, "decoder") if on else None
+        return self
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, 32, 32) in [-1, 1] -> (B, C, 8, 8), deterministic (the posterior mean)."""
@@ -81,6 +88,9 @@ class Autoencoder(nn.Module):
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """(B, C, 8, 8) normalised latents -> (B, 3, 32, 32), roughly in [-1, 1]."""
+        return graphs.run(self.graphs, self._decode, z)
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(z / self.cfg.scale + self.cfg.shift)
 
     def forward(self, x: torch.Tensor, eps: torch.Tensor):

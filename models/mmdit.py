@@ -6,6 +6,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from fewstep.models import graphs
 from fewstep.models.config import TransformerConfig
 from fewstep.models.layers import DoubleStreamBlock, LastLayer, MLPEmbedder, SingleStreamBlock, timestep_embedding
 from fewstep.models.rope import position_ids, rope_tables
@@ -37,6 +38,14 @@ class MMDiT(nn.Module):
         # the scale a guidance-embedded model runs at when a caller passes none: set for a FLUX.1-dev teacher (and the
         # students copied from it) in recipes that do not vary the scale (training/flux.py); never saved
         self.default_guidance: float | None = None
+        self.graphs: graphs.Graphs | None = None  # inference as frozen graphs (use_graphs); never saved
+
+    def use_graphs(self, on: bool = True) -> MMDiT:
+        """Inference (no grad, PyTorch kernels, no features) as frozen TorchScript graphs that run without the GIL
+        (models/graphs.py): for a model that serves, not one that trains (the graphs keep the weights they were
+        traced with)."""
+        self.graphs = graphs.Graphs(self, self._forward, "transformer") if on else None
+        return self
 
     @classmethod
     def from_state(cls, cfg: TransformerConfig, state: dict[str, torch.Tensor] | None = None, device="meta") -> MMDiT:
@@ -80,6 +89,11 @@ class MMDiT(nn.Module):
         guidance: torch.Tensor | None = None,  # (B,) CFG scale, for guidance-embedded students
         return_features: bool = False,  # also return the image tokens after every block (discriminators)
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        if return_features or self.kernels != "torch":  # a graph holds PyTorch ops and returns one tensor
+            return self._forward(x, t, txt, txt_mask, pooled, guidance, return_features)
+        return graphs.run(self.graphs, self._forward, x, t, txt, txt_mask, pooled, guidance)
+
+    def _forward(self, x, t, txt, txt_mask, pooled, guidance=None, return_features=False):
         p = self.cfg.patch_size
         h, w = x.shape[-2] // p, x.shape[-1] // p
         img = rearrange(x, "B C (h ph) (w pw) -> B (h w) (C ph pw)", ph=p, pw=p)  # Flux's 2×2 packing

@@ -128,6 +128,19 @@ class TextToImage:
         self.kernel_mode = mode
         return self
 
+    def use_graphs(self, on: bool = True) -> TextToImage:
+        """Serving on a CPU: the transformer's inference as frozen TorchScript graphs that run without the GIL
+        (models/graphs.py); they keep the weights they were traced with, so not for a model that trains."""
+        self.transformer.use_graphs(on)
+        self.text_encoder.use_graphs(on)
+        if self.autoencoder is not None:
+            self.autoencoder.use_graphs(on)
+        return self
+
+    @property
+    def uses_graphs(self) -> bool:
+        return self.transformer.graphs is not None
+
     @property
     def kernels(self) -> str:
         """The backend in use: "torch" or "triton"."""

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from fewstep.models import graphs
 from fewstep.models.config import TextEncoderConfig
 
 PAD, BOS, UNK = "[PAD]", "[BOS]", "[UNK]"
@@ -98,10 +99,19 @@ class TextEncoder(nn.Module):
         self.pos = nn.Parameter(torch.randn(cfg.max_length, cfg.dim) * 0.02)
         self.layers = nn.ModuleList(EncoderLayer(cfg.dim, cfg.heads) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim)
+        self.graphs: graphs.Graphs | None = None  # inference as frozen graphs (use_graphs); never saved
+
+    def use_graphs(self, on: bool = True) -> TextEncoder:
+        """Inference as frozen TorchScript graphs that run without the GIL (models/graphs.py)."""
+        self.graphs = graphs.Graphs(self, self._tokens, "text encoder") if on else None
+        return self
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> TextCond:
+        x = graphs.run(self.graphs, self._tokens, ids, mask)  # (B, L, dim)
+        return TextCond(tokens=x, mask=mask, pooled=x[:, 0])  # pooled = the BOS token's output
+
+    def _tokens(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         x = self.embed(ids) + self.pos[: ids.shape[1]]  # (B, L, dim)
         for layer in self.layers:
             x = layer(x, mask)
-        x = self.norm(x)
-        return TextCond(tokens=x, mask=mask, pooled=x[:, 0])  # pooled = the BOS token's output
+        return self.norm(x)

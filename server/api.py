@@ -16,6 +16,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from fewstep.models.pipeline import TextToImage
 from fewstep.server import errors
 from fewstep.server.body import JSONRoute
 from fewstep.server.engine import Engine, device_executor
@@ -95,6 +96,10 @@ def create_app(settings: ServeSettings, registry: Registry | None = None) -> Fas
         resolve(settings.kernels, device)  # a forced "triton" that cannot run here fails now, naming why
         scan = executor.submit(Registry.scan, settings.models, device, settings.default_model, settings.kernels)
         registry = scan.result()
+    if settings.cpu_graphs and device.type == "cpu":
+        for entry in registry.models.values():
+            if isinstance(entry.model, TextToImage):
+                entry.model.use_graphs()  # traced on the device thread at its first batch (the warm-up)
     steps = {s for m in registry.models.values() for s in m.supported_steps()}
     steps |= {m.card.sampling.default_steps for m in registry.models.values() if m.card and m.card.sampling}
     metrics = Metrics.create().bound(registry.models, steps)

@@ -97,6 +97,11 @@ class ServeSettings(BaseSettings):
         "images per stream runs split over the streams, each part single-threaded at once (one OpenMP team over "
         "every core pays a barrier per op; benchmarks/split.py); 0 = never split",
     )
+    cpu_graphs: bool = Field(
+        default=True,
+        description="native models on a CPU: the transformer runs as frozen TorchScript graphs, which hold no GIL "
+        "while they run (models/graphs.py; benchmarks/gil.py); false = eager",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="log level")
     retry_after_s: int = Field(default=1, ge=1, description="Retry-After of 429 and 503 answers")
     header_timeout_s: float = Field(
