@@ -163,21 +163,27 @@ class InProcess:
     def __init__(self, model_dir: Path, steps: int, streams: int, graphs: bool):
         from fewstep.models.pipeline import TextToImage
 
-        self.model, self.steps = TextToImage.load(model_dir).use_graphs(graphs), steps  # graphs: as the server
-        self.layouts = Layouts(self.model, streams, torch.get_num_threads(), steps)  # one team, or split (split.py)
-        self.model.generate(["warm up"], [0], steps=steps)
+        # every torch call runs on the layouts' threads, loading included, as the server's run on its device
+        # threads (Layouts.on_team says why); graphs or eager as the server runs the model
+        self.steps, self.layouts = steps, Layouts(None, streams, torch.get_num_threads(), steps)
+        self.model = self.layouts.model = self.layouts.on_team(lambda: TextToImage.load(model_dir).use_graphs(graphs))
+        self.latency_ms(2)  # warm
         self.layouts.one_team(list(range(32)))
         if streams > 1:
             self.layouts.split(list(range(32)))
 
     def latency_ms(self, n: int) -> list[float]:
-        """n sequential 1-image generations + PNG encoding, what a 1-step request asks of the server."""
+        """n sequential 1-image generations + PNG encoding (at the server's zlib level), what a 1-step request asks
+        of the server, on one thread with every core as the server's device thread runs it."""
+        return self.layouts.on_team(self._latency_ms, n)
+
+    def _latency_ms(self, n: int) -> list[float]:
         from fewstep.models.images import encode, to_pil
 
-        out = []
+        level, out = ServeSettings().png_compress_level, []
         for i in range(n):
             t0 = time.perf_counter()
-            encode(to_pil(self.model.generate(["a red 7 on black"], [1000 + i], steps=self.steps))[0])
+            encode(to_pil(self.model.generate(["a red 7 on black"], [1000 + i], steps=self.steps))[0], png_level=level)
             out.append(1000 * (time.perf_counter() - t0))
         return out
 

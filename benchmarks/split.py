@@ -44,6 +44,13 @@ class Layouts:
     def one_team(self, seeds: list[int]) -> int:
         return self.team.submit(self._run, seeds, self.threads).result()
 
+    def on_team(self, fn, *args):
+        """``fn(*args)`` on the team's thread with every thread, as a lone request runs on the server's device thread.
+        Run nothing with several threads on any other thread: libgomp keeps a pool of worker threads per thread
+        that starts a parallel region, and once it manages more threads than there are cores it parks each worker
+        after every region (its throttled spin), which slowed 1-image batches here by a third."""
+        return self.team.submit(lambda: (self._use(self.threads), fn(*args))[1]).result()
+
     def split(self, seeds: list[int]) -> int:
         parts = self._split(seeds, self.streams, images=lambda _: 1)
         per = max(1, self.threads // self.streams)
@@ -73,12 +80,14 @@ def main() -> int:
     if args.streams < 2 or args.rounds < 1:
         p.error("--streams must be at least 2 and --rounds at least 1")
     from fewstep.models.pipeline import TextToImage
-
-    threads = torch.get_num_threads()
     from fewstep.server.settings import ServeSettings
 
-    model = TextToImage.load(Path(args.model)).use_graphs(ServeSettings().cpu_graphs)  # as the server runs it
-    layouts = Layouts(model, args.streams, threads)
+    # loaded on the team's thread, as the server loads a model on its device thread (Layouts.on_team says why);
+    # graphs or eager as the server runs it
+    threads = torch.get_num_threads()
+    layouts = Layouts(None, args.streams, threads)
+    graphs = ServeSettings().cpu_graphs
+    layouts.model = layouts.on_team(lambda: TextToImage.load(Path(args.model)).use_graphs(graphs))
     results: dict[tuple[int, str], list[float]] = {}
     try:
         for r in range(args.rounds):
