@@ -95,6 +95,16 @@ def sync_client(url: str) -> httpx.Client:
     return httpx.Client(base_url=url, timeout=300, transport=httpx.HTTPTransport(socket_options=NODELAY))
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else the platform's: a shared VM's CPU may change between sessions."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux
+        text = ""
+    names = [line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")]
+    return names[0] if names else platform.processor() or platform.machine()
+
+
 def percentile(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
@@ -347,7 +357,7 @@ def main() -> int:
         ),  # fmt: skip
     ]
     machine = (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch "
+        f"{cpu_name()}, {os.cpu_count()} CPU cores, torch "
         f"{torch.__version__}, {torch.get_num_threads()} threads, no GPU"
     )
     text = (
