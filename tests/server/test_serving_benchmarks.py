@@ -89,7 +89,9 @@ def test_serve_benchmark_compares_http_with_in_process_in_interleaved_blocks(mod
     text = out.read_text()
     blocks = re.findall(r"(\d+): ([\d.]+) / ([\d.]+) ms, ([\d.]+) / ([\d.]+)(?: / ([\d.]+))? images/s", text)
     assert [int(b[0]) for b in blocks] == [1, 2, 3], text
-    http_ms = sorted(float(b[1]) / float(b[2]) for b in blocks)
+    ratios = sorted(float(b[1]) / float(b[2]) for b in blocks)  # from the printed (rounded) milliseconds
     row = next(line for line in text.splitlines() if line.startswith("| HTTP p50 / in-process p50"))
-    assert row.split("|")[2].strip().startswith(f"{http_ms[1]:.2f}× (middle half"), row  # the median block
+    figure = row.split("|")[2].strip()
+    assert "× (middle half" in figure, row
+    assert abs(float(figure.split("×")[0]) - ratios[1]) <= 0.05 * ratios[1] + 0.01, (row, ratios)  # the median block
     assert "| 32 clients batched over HTTP / in-process batch 32 (before PNG; median of 3 blocks) |" in text
