@@ -284,6 +284,8 @@ def main() -> int:
             served_by, ms = latencies(on.url, {"prompt": "a red 7 on black", "steps": steps}, args.requests)
             rows.append((served_by, steps, ms))
         student = models[rows[0][0]]  # the student that serves unnamed 1-step requests (healthy, fewest steps)
+        if student["role"] != "student":
+            raise SystemExit(f"no student serves 1-step requests here ({student['id']} did): nothing to compare")
         # its teacher (a models directory may hold more than one teacher, e.g. a compressed one)
         teacher = models.get(student["teacher"]) or next(m for m in models.values() if m["role"] == "teacher")
         served_by, ms = latencies(

@@ -66,20 +66,16 @@ class Decoder(nn.Module):
         return self.conv_out(nn.functional.silu(self.norm_out(self.body(self.conv_in(z)))))
 
 
-class Autoencoder(nn.Module):
+class Autoencoder(graphs.GraphsOwner):
     """encode/decode work on *normalised* latents: z = (mean - shift) · scale, about unit variance."""
+
+    graph_method = "_decode"  # decoding as frozen graphs (use_graphs, models/graphs.py)
 
     def __init__(self, cfg: AutoencoderConfig):
         super().__init__()
         self.cfg = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
-        self.graphs: graphs.Graphs | None = None  # decode as frozen graphs (use_graphs); never saved
-
-    def use_graphs(self, on: bool = True) -> Autoencoder:
-        """Inference decoding as frozen TorchScript graphs that run without the GIL (models/graphs.py)."""
-        self.graphs = graphs.Graphs(self, self._decode, "decoder") if on else None
-        return self
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, 32, 32) in [-1, 1] -> (B, C, 8, 8), deterministic (the posterior mean)."""

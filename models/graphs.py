@@ -44,6 +44,13 @@ class _Call(nn.Module):
         return self.fn(*(next(it) if g else None for g in self.given))
 
 
+_TRACING = threading.Lock()  # one trace at a time: warnings.catch_warnings changes process-wide state
+
+
+def _no_graphs() -> None:
+    return None
+
+
 class Graphs:
     """Frozen graphs of ``fn`` (a function of tensors or None returning one tensor, computed by ``owner``'s
     parameters), keyed by signature; ``__call__`` returns None where the caller should run eager."""
@@ -53,6 +60,10 @@ class Graphs:
         self._graphs: dict[Signature, torch.jit.ScriptModule | None] = {}  # None: this signature runs eager
         self._checked: set[tuple[Signature, int]] = set()  # (signature, batch size) seen to agree with eager
         self._lock = threading.Lock()  # two device threads may meet a new signature at once: trace it once
+
+    def __reduce__(self):
+        """A copy (copy.deepcopy, pickle, torch.save of the module) holds no graphs: it runs eager."""
+        return (_no_graphs, ())
 
     @staticmethod
     def signature(args: Sequence[torch.Tensor | None]) -> Signature:
@@ -85,18 +96,18 @@ class Graphs:
         return out
 
     def _trace(self, key: Signature, args: Sequence[torch.Tensor | None]) -> torch.jit.ScriptModule | None:
-        call, tensors = (
-            _Call(self.owner, self.fn, [a is not None for a in args]).eval(),
-            [a for a in args if a is not None],
-        )
+        call, tensors = _Call(self.owner, self.fn, [a is not None for a in args]), [a for a in args if a is not None]
+        training = self.owner.training  # freeze needs eval mode; the owner's own mode is given back
         try:
-            with torch.no_grad(), warnings.catch_warnings():
+            with _TRACING, torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the tracer's deprecation and shape notes (see the module docstring)
-                graph = torch.jit.freeze(torch.jit.trace(call, tuple(tensors), check_trace=False))
+                graph = torch.jit.freeze(torch.jit.trace(call.eval(), tuple(tensors), check_trace=False))
                 got, want = graph(*tensors), call(*tensors)
         except Exception as e:
             log.warning("%s: cannot trace a graph (%s); running eager", self.name, e)
             return None
+        finally:
+            self.owner.train(training)
         if not self._agree(got, want, "traced"):
             return None
         self._checked.add((key, tensors[0].shape[0]))
@@ -112,6 +123,32 @@ class Graphs:
     def __len__(self) -> int:
         """Graphs in use (signatures that run eager are not counted)."""
         return sum(g is not None for g in self._graphs.values())
+
+
+class GraphsOwner(nn.Module):
+    """A module whose inference may run as frozen graphs of its method ``graph_method`` (``use_graphs``). A graph
+    keeps the tensors it was traced with: in-place updates reach it, but tensors moved or replaced through the
+    module (``.to()``, ``.double()``, ``load_state_dict``) drop its graphs, which are traced again on use."""
+
+    graphs: Graphs | None = None
+    graph_method: str = "forward"
+
+    def use_graphs(self, on: bool = True):
+        """Inference (no autograd) as frozen TorchScript graphs that run without the GIL: for serving."""
+        self.graphs = Graphs(self, getattr(self, self.graph_method), type(self).__name__) if on else None
+        return self
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        if self.graphs is not None:
+            self.use_graphs()
+        return out
+
+    def load_state_dict(self, *args, **kwargs):
+        out = super().load_state_dict(*args, **kwargs)
+        if self.graphs is not None:
+            self.use_graphs()
+        return out
 
 
 def run(graphs: Graphs | None, eager: Callable[..., torch.Tensor], *args: torch.Tensor | None) -> torch.Tensor:

@@ -12,7 +12,9 @@ from fewstep.models.layers import DoubleStreamBlock, LastLayer, MLPEmbedder, Sin
 from fewstep.models.rope import position_ids, rope_tables
 
 
-class MMDiT(nn.Module):
+class MMDiT(graphs.GraphsOwner):
+    graph_method = "_forward"  # inference as frozen graphs (use_graphs, models/graphs.py)
+
     def __init__(self, cfg: TransformerConfig, text_dim: int, latent_size: int):
         super().__init__()
         if sum(cfg.axes_dim) != cfg.head_dim:
@@ -38,14 +40,6 @@ class MMDiT(nn.Module):
         # the scale a guidance-embedded model runs at when a caller passes none: set for a FLUX.1-dev teacher (and the
         # students copied from it) in recipes that do not vary the scale (training/flux.py); never saved
         self.default_guidance: float | None = None
-        self.graphs: graphs.Graphs | None = None  # inference as frozen graphs (use_graphs); never saved
-
-    def use_graphs(self, on: bool = True) -> MMDiT:
-        """Inference (no grad, PyTorch kernels, no features) as frozen TorchScript graphs that run without the GIL
-        (models/graphs.py): for a model that serves, not one that trains (the graphs keep the weights they were
-        traced with)."""
-        self.graphs = graphs.Graphs(self, self._forward, "transformer") if on else None
-        return self
 
     @classmethod
     def from_state(cls, cfg: TransformerConfig, state: dict[str, torch.Tensor] | None = None, device="meta") -> MMDiT:
@@ -91,6 +85,8 @@ class MMDiT(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         if return_features or self.kernels != "torch":  # a graph holds PyTorch ops and returns one tensor
             return self._forward(x, t, txt, txt_mask, pooled, guidance, return_features)
+        if guidance is None and self.guidance_in is not None and self.default_guidance is not None:
+            guidance = torch.full((x.shape[0],), self.default_guidance, device=x.device)  # an input, not baked in
         return graphs.run(self.graphs, self._forward, x, t, txt, txt_mask, pooled, guidance)
 
     def _forward(self, x, t, txt, txt_mask, pooled, guidance=None, return_features=False):

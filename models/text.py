@@ -91,7 +91,9 @@ class EncoderLayer(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class TextEncoder(nn.Module):
+class TextEncoder(graphs.GraphsOwner):
+    graph_method = "_tokens"  # inference as frozen graphs (use_graphs, models/graphs.py)
+
     def __init__(self, cfg: TextEncoderConfig):
         super().__init__()
         self.cfg = cfg
@@ -99,12 +101,6 @@ class TextEncoder(nn.Module):
         self.pos = nn.Parameter(torch.randn(cfg.max_length, cfg.dim) * 0.02)
         self.layers = nn.ModuleList(EncoderLayer(cfg.dim, cfg.heads) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim)
-        self.graphs: graphs.Graphs | None = None  # inference as frozen graphs (use_graphs); never saved
-
-    def use_graphs(self, on: bool = True) -> TextEncoder:
-        """Inference as frozen TorchScript graphs that run without the GIL (models/graphs.py)."""
-        self.graphs = graphs.Graphs(self, self._tokens, "text encoder") if on else None
-        return self
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> TextCond:
         x = graphs.run(self.graphs, self._tokens, ids, mask)  # (B, L, dim)

@@ -361,7 +361,7 @@ class Engine:
             steps_list = m.supported_steps() if m.role == "student" else [m.default_steps]
             try:
                 if getattr(m.model, "uses_graphs", False):  # its graphs are traced at the first call: not timed
-                    m.model.generate(["warm up"], [0], steps=steps_list[0])
+                    m.model.generate(["warm up"], [0], steps=1 if m.model.supports(1) else steps_list[0])
                 for steps in steps_list:
                     t0 = time.perf_counter()
                     images = m.model.generate(["warm up"], [0], steps=steps)

@@ -121,3 +121,65 @@ def test_two_threads_meeting_a_new_signature_trace_it_once():
         t.join()
     assert len(graphs) == 1 and len(traced) == 2
     assert all(o.tolist() == [[2.0] * 3] * 4 for o in out)
+
+
+def test_after_the_first_call_at_a_batch_size_the_graph_serves_not_eager():
+    calls = []
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        calls.append(x.shape[0])
+        return x * 2
+
+    graphs = Graphs(torch.nn.Linear(1, 1), fn, "served")
+    with torch.no_grad():
+        for _ in range(3):
+            assert run(graphs, fn, torch.ones(4, 3)).tolist() == [[2.0] * 3] * 4
+        assert calls == [4, 4]  # traced, then checked once; the other calls ran the graph
+        run(graphs, fn, torch.ones(5, 3))
+        run(graphs, fn, torch.ones(5, 3))
+    assert calls == [4, 4, 5]  # a new batch size is checked once
+
+
+def test_weights_moved_or_replaced_through_the_module_are_traced_again():
+    cfg = get_variant("tiny")
+    model = MMDiT(cfg.transformer, cfg.text.dim, cfg.latent_size).eval()
+    randomize(model)
+    args = _inputs(model, 2)
+    with torch.no_grad():
+        model.use_graphs()(*args)
+        other = MMDiT(cfg.transformer, cfg.text.dim, cfg.latent_size).eval()
+        randomize(other, seed=1)
+        model.load_state_dict(other.state_dict(), assign=True)  # new tensors: the old graph would be stale
+        assert len(model.graphs) == 0
+        assert torch.allclose(model(*args), other(*args), atol=1e-5)
+        model.double()
+        out = model(*(a.double() if a is not None and a.is_floating_point() else a for a in args))
+    assert out.dtype == torch.float64 and model.graphs is not None
+
+
+def test_tracing_keeps_the_training_flag_and_copies_run_eager():
+    import copy
+
+    cfg = get_variant("tiny")
+    model = MMDiT(cfg.transformer, cfg.text.dim, cfg.latent_size).use_graphs()
+    randomize(model)
+    model.train()
+    with torch.no_grad():
+        model(*_inputs(model, 2))
+    assert model.training and len(model.graphs) == 1
+    assert copy.deepcopy(model).graphs is None  # a copy (an EMA, a checkpoint) holds no graphs
+
+
+def test_a_default_guidance_is_an_input_of_the_graph_not_a_constant():
+    cfg = get_variant("tiny")
+    model = MMDiT(dataclasses.replace(cfg.transformer, guidance_embed=True), cfg.text.dim, cfg.latent_size).eval()
+    randomize(model)
+    args = _inputs(model, 2)[:5]  # no guidance given
+    with torch.no_grad():
+        model.default_guidance = 3.5
+        at_3_5 = model._forward(*args)
+        model.use_graphs()
+        assert torch.allclose(model(*args), at_3_5, atol=1e-5)
+        model.default_guidance = 1.0
+        assert torch.allclose(model(*args), model._forward(*args), atol=1e-5)
+        assert not torch.allclose(model(*args), at_3_5, atol=1e-3)

@@ -34,10 +34,11 @@ async def _student_behind_teacher(settings):
 
 
 @pytest.mark.anyio
-async def test_a_student_request_runs_between_teacher_steps(models_dir):
-    # eager: without the warm-up, a model's first step would also trace its graph (models/graphs.py), and a step's
-    # length is what this test measures against
-    settings = make_settings(models_dir, warmup=False, cpu_graphs=False)
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
+async def test_a_student_request_runs_between_teacher_steps(models_dir, graphs):
+    # with graphs, the warm-up traces them (a model's first step would also trace its graph, models/graphs.py, and
+    # a step's length is what this test measures against)
+    settings = make_settings(models_dir, warmup=graphs, cpu_graphs=graphs)
     student, s_done, teacher, t_done = await _student_behind_teacher(settings)
     assert student["served_by"] == "tiny-student" and teacher["served_by"] == "tiny-teacher"
     assert s_done < t_done  # it did not wait for the 100-step batch
