@@ -176,6 +176,7 @@ class InProcess:
         # every torch call runs on the layouts' threads, loading included, as the server's run on its device
         # threads (Layouts.on_team says why); graphs or eager as the server runs the model
         self.steps, self.layouts = steps, Layouts(None, streams, torch.get_num_threads(), steps)
+        self.png_level = ServeSettings().png_compress_level
         self.model = self.layouts.model = self.layouts.on_team(lambda: TextToImage.load(model_dir).use_graphs(graphs))
         self.latency_ms(2)  # warm
         self.layouts.one_team(list(range(32)))
@@ -190,10 +191,11 @@ class InProcess:
     def _latency_ms(self, n: int) -> list[float]:
         from fewstep.models.images import encode, to_pil
 
-        level, out = ServeSettings().png_compress_level, []
+        out = []
         for i in range(n):
             t0 = time.perf_counter()
-            encode(to_pil(self.model.generate(["a red 7 on black"], [1000 + i], steps=self.steps))[0], png_level=level)
+            image = to_pil(self.model.generate(["a red 7 on black"], [1000 + i], steps=self.steps))[0]
+            encode(image, png_level=self.png_level)
             out.append(1000 * (time.perf_counter() - t0))
         return out
 
@@ -226,19 +228,18 @@ def compare(url: str, local: InProcess, payload: dict, blocks: int, requests: in
     """HTTP against in-process in ``blocks`` short interleaved blocks on one warm server: on a shared VM whose speed
     moves by tens of percent within seconds, each ratio is taken between measurements a second or two apart, and
     the figure is the median of the blocks' ratios (a single slow stretch moves one block, not the figure)."""
+
+    def served() -> tuple[float, float]:
+        return percentile(latencies(url, payload, requests)[1], 50), throughput(url, payload, 32, total)
+
+    def in_process() -> tuple[float, float, float | None]:
+        ms = percentile(local.latency_ms(requests), 50)
+        team = local.images_per_s(32, total // 32)
+        return ms, team, local.images_per_s(32, total // 32, split=True) if splits else None
+
     out = []
     for b in range(blocks):
-        http_first = b % 2 == 0
-
-        def served() -> tuple[float, float]:
-            return percentile(latencies(url, payload, requests)[1], 50), throughput(url, payload, 32, total)
-
-        def in_process() -> tuple[float, float, float | None]:
-            ms = percentile(local.latency_ms(requests), 50)
-            team = local.images_per_s(32, total // 32)
-            return ms, team, local.images_per_s(32, total // 32, split=True) if splits else None
-
-        if http_first:
+        if b % 2 == 0:  # HTTP first
             (http_ms, http_32), (local_ms, local_32, split_32) = served(), in_process()
         else:
             (local_ms, local_32, split_32), (http_ms, http_32) = in_process(), served()

@@ -49,7 +49,12 @@ class Layouts:
         Run nothing with several threads on any other thread: libgomp keeps a pool of worker threads per thread
         that starts a parallel region, and once it manages more threads than there are cores it parks each worker
         after every region (its throttled spin), which slowed 1-image batches here by a third."""
-        return self.team.submit(lambda: (self._use(self.threads), fn(*args))[1]).result()
+
+        def with_every_thread():
+            self._use(self.threads)
+            return fn(*args)
+
+        return self.team.submit(with_every_thread).result()
 
     def split(self, seeds: list[int]) -> int:
         parts = self._split(seeds, self.streams, images=lambda _: 1)

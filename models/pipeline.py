@@ -129,8 +129,8 @@ class TextToImage:
         return self
 
     def use_graphs(self, on: bool = True) -> TextToImage:
-        """Serving on a CPU: the transformer's inference as frozen TorchScript graphs that run without the GIL
-        (models/graphs.py); they keep the weights they were traced with, so not for a model that trains."""
+        """Serving on a CPU: the transformer's, text encoder's and decoder's inference as frozen TorchScript graphs
+        that run without the GIL (models/graphs.py); for serving, not for a model that trains."""
         self.transformer.use_graphs(on)
         self.text_encoder.use_graphs(on)
         if self.autoencoder is not None:

@@ -68,9 +68,8 @@ def split_batch(
 ) -> list[list[T]]:
     """At most ``parts`` contiguous parts of about equal images (a job is never cut: its images come back as one
     result). Outside throughput mode a large whole batch runs this way, one single-threaded part per stream at
-    once: ``python benchmarks/split.py`` measured 1.05-1.08x the images/s of one batch over both threads at 16 to
-    32 images on two cores (1.00 at 64), and 0.86-0.93x at 2 and 4, where each op's fixed cost (the GIL held while
-    torch dispatches it) outweighs the barrier."""
+    once (``python benchmarks/split.py`` measures both layouts by batch size; docs/api.md "Engine" gives its
+    figures)."""
     # cut after the job whose running total is nearest each part's share (a job is never cut)
     sums = list(itertools.accumulate(images(job) for job in batch))
     total, cuts = (sums[-1] if sums else 0), [0]
