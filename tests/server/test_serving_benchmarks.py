@@ -1,5 +1,5 @@
 """The serving benchmarks run on the tiny served models: refusal.py (a row per refusal path; the paths' answers
-agree: the script asserts the same 429 bytes), png.py (a row per zlib level), batch_gap.py, interference.py and
+agree: the script asserts the same 429 bytes), png.py (a row per zlib level), batch_gap.py, interference.py, gil.py,
 split.py."""
 
 from __future__ import annotations
@@ -95,3 +95,16 @@ def test_serve_benchmark_compares_http_with_in_process_in_interleaved_blocks(mod
     assert "× (middle half" in figure, row
     assert abs(float(figure.split("×")[0]) - ratios[1]) <= 0.05 * ratios[1] + 0.01, (row, ratios)  # the median block
     assert "| 32 clients batched over HTTP / in-process batch 32 (before PNG; median of 3 blocks) |" in text
+
+
+def test_gil_benchmark_times_eager_and_graphs_alone_beside_python_and_split(models_dir):
+    """benchmarks/gil.py: a row per way (eager, graphs) with ms per batch alone, beside a thread running Python,
+    and the split's images/s."""
+    cmd = [sys.executable, "benchmarks/gil.py", "--model", str(models_dir / "tiny-student"), "--batch", "2",
+           "--rounds", "1", "--repeat", "1", "--seconds", "0.2"]  # fmt: skip
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    rows = [line.split("|")[1:-1] for line in run.stdout.splitlines() if line.startswith("| eager") or
+            line.startswith("| graphs")]  # fmt: skip
+    assert [r[0].strip() for r in rows] == ["eager", "graphs"], run.stdout
+    assert all(float(x) > 0 for r in rows for x in r[1:]), run.stdout
