@@ -1,6 +1,6 @@
 """The serving benchmarks run on the tiny served models: refusal.py (a row per refusal path; the paths' answers
 agree: the script asserts the same 429 bytes), png.py (a row per zlib level), batch_gap.py, interference.py, gil.py,
-split.py."""
+split.py and serve.py."""
 
 from __future__ import annotations
 
